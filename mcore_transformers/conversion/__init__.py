@@ -1,0 +1,1 @@
+"""Rule types, checkpoint reader, exporter and writer: HF ↔ megatron-core weights."""

@@ -1,0 +1,21 @@
+"""User-facing errors: each message says what is wrong, why, and how to fix it."""
+
+
+class MCoreTransformersError(ValueError):
+    """Base class for input errors raised by mcore_transformers."""
+
+
+class CheckpointError(MCoreTransformersError):
+    """The checkpoint on disk is missing, truncated, or does not match the config."""
+
+
+class UnsupportedModelError(MCoreTransformersError):
+    """The HF model family or one of its config options has no mcore mapping."""
+
+
+class LayoutError(MCoreTransformersError):
+    """The requested parallel layout does not fit the model or the world."""
+
+
+class SaveTargetError(MCoreTransformersError):
+    """The save destination cannot be written safely."""

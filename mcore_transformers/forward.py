@@ -1,0 +1,107 @@
+"""One forward pass over this rank's mcore chunks: HF inputs in, full-vocabulary logits out.
+
+We drive the GPTModel submodules ourselves (embedding → decoder → output layer) so that HF's
+semantics hold exactly: rotary angles follow `position_ids`, and the attention mask carries
+padding and sliding windows explicitly (mcore's own default mask is causal-only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    input_ids: torch.Tensor  # [b, s]
+    attention_mask: torch.Tensor  # [b, 1, s, s] bool, True = masked out
+    rotary: torch.Tensor  # [s, b, 1, rotary_dim] angles
+
+
+def attention_mask_for(
+    padding_mask: Optional[torch.Tensor], batch: int, seq: int, window: Optional[int], device: torch.device
+) -> torch.Tensor:
+    """Causal (+ sliding window) mask combined with the HF [b, s] padding mask; True = not attended."""
+    query = torch.arange(seq, device=device)[:, None]
+    key = torch.arange(seq, device=device)[None, :]
+    masked = key > query
+    if window is not None:
+        masked = masked | (query - key >= window)
+    masked = masked[None, None].expand(batch, 1, seq, seq)
+    if padding_mask is not None:
+        masked = masked | ~padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    return masked
+
+
+def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """[b, s] positions → [s, b, 1, d] angles, computed in fp32 as transformers does."""
+    freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.transpose(0, 1).unsqueeze(2)
+
+
+def run_chunk(chunk: GPTModel, inputs: ForwardInputs, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+    """Embedding (first chunk), decoder layers, then the local logits shard (last chunk)."""
+    if chunk.pre_process:
+        hidden = chunk.embedding(input_ids=inputs.input_ids, position_ids=None)
+    else:
+        chunk.decoder.set_input_tensor(hidden)
+        hidden = None
+    hidden = chunk.decoder(hidden_states=hidden, attention_mask=inputs.attention_mask, rotary_pos_emb=inputs.rotary)
+    if not chunk.post_process:
+        return hidden
+    weight = chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else None
+    logits, _ = chunk.output_layer(hidden, weight=weight)
+    return logits
+
+
+def _pipeline_neighbours() -> tuple[list[int], int, int]:
+    group = ps.get_pipeline_model_parallel_group()
+    return dist.get_process_group_ranks(group), ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+
+
+def forward_logits(chunks: Sequence[GPTModel], inputs: ForwardInputs, hidden_shape, dtype) -> Optional[torch.Tensor]:
+    """Full padded-vocab logits [s, b, V_pad] on the last pipeline stage (None elsewhere).
+
+    Stages run one after another, virtual stages interleaved as megatron orders them: chunk v of
+    pipeline rank r feeds chunk v of rank r+1, and the last rank's chunk v feeds chunk v+1 of rank 0.
+    """
+    ranks, pp_rank, pp_size = _pipeline_neighbours()
+    stages = len(chunks)
+    hidden = None
+    logits = None
+    for virtual in range(stages):
+        for stage in range(pp_size):
+            if stage != pp_rank:
+                continue
+            first = virtual == 0 and stage == 0
+            last = virtual == stages - 1 and stage == pp_size - 1
+            if not first:
+                hidden = torch.empty(hidden_shape, dtype=dtype, device=inputs.input_ids.device)
+                dist.recv(hidden, src=ranks[(stage - 1) % pp_size])
+            out = run_chunk(chunks[virtual], inputs, hidden)
+            if last:
+                logits = out
+            else:
+                dist.send(out.detach().contiguous(), dst=ranks[(stage + 1) % pp_size])
+    if logits is None:
+        return None
+    return gather_from_tensor_model_parallel_region(logits)
+
+
+def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape, dtype, device) -> torch.Tensor:
+    """The last pipeline stage's tensor, on every stage."""
+    ranks, pp_rank, pp_size = _pipeline_neighbours()
+    if pp_size == 1:
+        return tensor
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    tensor = tensor.contiguous()
+    dist.broadcast(tensor, src=ranks[-1], group=ps.get_pipeline_model_parallel_group())
+    return tensor

@@ -1,0 +1,102 @@
+"""Megatron-core on CPU: the few places where mcore 0.16 assumes CUDA, bridged explicitly.
+
+Nothing here runs at import time. `enable_cpu_support()` is called by the runtime when the
+chosen device is the CPU; each patch below names the mcore code it bridges. The patches were
+written against megatron-core 0.16; another version logs a warning (they may still be right).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+WRITTEN_FOR_MCORE = "0.16"
+_applied = False
+
+
+class CpuRNGStatesTracker:
+    """Stands in for `tensor_parallel.random.CudaRNGStatesTracker` with CPU generator states.
+
+    mcore forks the 'model-parallel-rng' state in attention and in weight init even with dropout 0;
+    the CUDA tracker calls `torch.cuda.get_rng_state`, which fails on a CPU-only torch.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"RNG seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"RNG state {name!r} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"RNG state {name!r} was never added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def enable_cpu_support() -> None:
+    """Make megatron-core's forward/backward paths run on a CPU-only torch. Idempotent."""
+    global _applied
+    if _applied:
+        return
+    import megatron.core
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    version = getattr(megatron.core, "__version__", "unknown")
+    if not str(version).startswith(WRITTEN_FOR_MCORE):
+        logger.warning(
+            f"CPU support was written for megatron-core {WRITTEN_FOR_MCORE}.x, found {version}; "
+            "if a forward fails on CUDA calls, the bridges in mcore_transformers/runtime/cpu.py need updating."
+        )
+
+    # Bridges `device=torch.cuda.current_device()` in tensor_parallel/mappings.py (all-gather and
+    # reduce-scatter buffers), tensor_parallel/layers.py, transformer/attention.py and
+    # moe/router.py: on a CPU-only torch the call raises; CPU is the only device there is.
+    if not torch.cuda.is_available():
+        torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]
+
+    # Bridges tensor_parallel/random.py: CudaRNGStatesTracker reads CUDA RNG state.
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    # Bridges transformer/moe/moe_utils.py, which references `te_general_gemm` when TE is absent.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    _applied = True
