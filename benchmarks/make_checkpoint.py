@@ -1,7 +1,7 @@
 """Write the benchmark checkpoints with transformers' own save_pretrained (random Qwen2-style bf16 weights).
 
-    python benchmarks/make_checkpoint.py            # ~302M parameters -> /tmp/mcore_bench/qwen2-300m
-    python benchmarks/make_checkpoint.py --small    # ~13M parameters  -> /tmp/mcore_bench/qwen2-small
+    python benchmarks/make_checkpoint.py            # ~314M parameters -> /tmp/mcore_bench/qwen2-300m
+    python benchmarks/make_checkpoint.py --small    # ~7M parameters   -> /tmp/mcore_bench/qwen2-small
 
 The folder is reused when it already holds a complete checkpoint of the same config.
 """
@@ -19,12 +19,12 @@ import torch
 ROOT = os.environ.get("MCORE_BENCH_DIR", "/tmp/mcore_bench")
 SHARDS = 4
 
-# Qwen2-style (q/k/v bias, GQA 16 heads / 4 KV heads, untied head): 302.3M parameters, 605 MB in bf16.
+# Qwen2-style (q/k/v bias, GQA 16 heads / 4 KV heads, untied head): 313.6M parameters, 627 MB in bf16.
 LARGE = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=22, num_attention_heads=16,
     num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
 )
-# Same shape family, small enough for a sub-minute sanity run: 13.5M parameters.
+# Same shape family, small enough for a sub-minute sanity run: 6.9M parameters.
 SMALL = dict(
     vocab_size=8000, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
     num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,

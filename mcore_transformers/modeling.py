@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -143,6 +143,8 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
             load_parameters(bound, reader, built.shard_layout, dtype, default_device(), show_progress=_is_rank0())
         check_materialised(built.chunks)
         model = cls(config, arch, built.chunks, built.shard_layout, layout, bound, source_folder=folder)
+        if os.path.exists(os.path.join(folder, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(folder)
         model.to(default_device())
         model.eval()
         return model
