@@ -1,7 +1,32 @@
-"""Megatron-Core speed and parallelism behind the transformers API."""
+"""Megatron-Core speed and parallelism behind the transformers API.
 
-from .modeling import MCoreModelForCausalLM
-from .runtime.parallel import ParallelConfig, destroy_parallel_state
+Heavy names (torch, megatron-core, transformers behind them) load on first use, so the command line
+starts fast and launcher processes do not import the whole stack.
+"""
 
-__all__ = ["MCoreModelForCausalLM", "ParallelConfig", "destroy_parallel_state"]
+import importlib
+
+from .verify import VerificationError, VerifyReport, verify  # light: imports torch only when called
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "MCoreModelForCausalLM": ".modeling",
+    "ParallelConfig": ".runtime.parallel",
+    "destroy_parallel_state": ".runtime.parallel",
+    "MCoreTrainer": ".training",
+    "TrainingError": ".training",
+}
+__all__ = [*_LAZY, "VerificationError", "VerifyReport", "verify"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -11,15 +11,32 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    LayerNormImpl,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from .architectures import DecoderArchitecture
 from .conversion.rules import ShardLayout
 from .errors import LayoutError
-from .layers import MaskedRowsDotProductAttention
+from .layers import (
+    KeyProjectionRMSNorm,
+    LatentDotProductAttention,
+    MaskedRowsDotProductAttention,
+    MLASelfAttentionOwnRotary,
+    QueryProjectionRMSNorm,
+    SequenceParallelTorchNorm,
+)
+from .runtime.cpu import bridge_missing_transformer_engine
 from .runtime.parallel import ParallelConfig
 
 
@@ -63,6 +80,41 @@ def check_model_fits(arch: DecoderArchitecture, layout: ParallelConfig) -> None:
         )
     if layout.cp > 1:
         raise LayoutError("cp > 1 (context parallelism) is not supported yet: it needs Transformer Engine attention.")
+    check_experts_fit(arch.transformer_config(), layout)
+
+
+def check_experts_fit(kwargs: dict, layout: ParallelConfig) -> None:
+    """Expert, MLA and shared-expert sizes that the layout must divide, named with both numbers."""
+    experts = kwargs.get("num_moe_experts")
+    etp = layout.etp or layout.tp
+    if not experts:
+        if layout.ep > 1 or (layout.etp or 1) > 1:
+            raise LayoutError(f"ep={layout.ep}, etp={layout.etp}: this model has no experts; use ep=1 and no etp.")
+    else:
+        if experts % layout.ep:
+            raise LayoutError(
+                f"ep={layout.ep} does not divide the {experts} routed experts: each expert-parallel rank must hold "
+                "the same number of experts. Choose an ep that divides it."
+            )
+        if kwargs["moe_ffn_hidden_size"] % etp:
+            raise LayoutError(
+                f"etp={etp} does not divide the experts' intermediate size {kwargs['moe_ffn_hidden_size']}."
+            )
+        if kwargs.get("add_bias_linear") and etp > 1:
+            raise LayoutError(
+                f"etp={etp}: megatron-core 0.16 supports expert biases only with whole experts per rank. "
+                "Pass etp=1 (experts then spread over ep and replicated over tp)."
+            )
+        shared = kwargs.get("moe_shared_expert_intermediate_size")
+        if shared and shared % layout.tp:
+            raise LayoutError(f"tp={layout.tp} does not divide the shared experts' intermediate size {shared}.")
+    if kwargs.get("multi_latent_attention"):
+        widths = {"kv_lora_rank + qk_rope_head_dim": kwargs["kv_lora_rank"] + kwargs["qk_pos_emb_head_dim"]}
+        if kwargs["q_lora_rank"] is not None:
+            widths["q_lora_rank"] = kwargs["q_lora_rank"]
+        for name, width in widths.items():
+            if width % layout.tp:  # the latent down-projections are split over TP
+                raise LayoutError(f"tp={layout.tp} does not divide the MLA down-projection width {name} = {width}.")
 
 
 def make_transformer_config(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.dtype) -> TransformerConfig:
@@ -70,7 +122,23 @@ def make_transformer_config(arch: DecoderArchitecture, layout: ParallelConfig, d
     kwargs["num_query_groups"] = query_groups_for(
         kwargs["num_attention_heads"], kwargs["num_query_groups"], layout.tp
     )
-    return TransformerConfig(
+    if arch.qk_norm_over_heads() and kwargs["num_query_groups"] != arch.num_key_value_heads:
+        raise LayoutError(
+            f"tp={layout.tp} exceeds num_key_value_heads={arch.num_key_value_heads}: a k norm over all heads cannot "
+            "be split over replicated KV heads. Choose tp <= num_key_value_heads."
+        )
+    if kwargs.get("num_moe_experts"):
+        # Transformer Engine: grouped GEMM experts and all-to-all dispatch. Without it (CPU): one
+        # MLP per expert (SequentialMLP) and all-gather dispatch, which needs no CUDA streams.
+        use_te = transformer_engine_available()
+        kwargs.update(
+            moe_grouped_gemm=use_te,
+            moe_token_dispatcher_type="alltoall" if use_te else "allgather",
+            moe_permute_fusion=False,
+            moe_router_fusion=False,
+        )
+    config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
+    return config_class(
         **kwargs,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -106,6 +174,62 @@ def _layer_spec(config: TransformerConfig, use_te: bool):
     return spec
 
 
+def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitecture, pp_rank: int, vp_stage):
+    """The layer specs of one chunk: one spec for every layer of a plain GQA decoder, else per layer."""
+    plain = not config.num_moe_experts and not config.multi_latent_attention and not arch.qk_norm_over_heads()
+    local_sp = config.sequence_parallel and not use_te
+    if plain and not local_sp:
+        return _layer_spec(config, use_te)
+    if plain:
+        layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        block = TransformerBlockSubmodules(layer_specs=[_layer_spec(config, use_te)] * layers, layer_norm=LayerNormImpl)
+    else:
+        block = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+        )
+        for spec in {id(spec): spec for spec in block.layer_specs}.values():
+            _customise_attention(spec.submodules.self_attention, config, use_te, arch)
+    if local_sp:
+        # megatron's torch norms refuse sequence parallelism outright; ours accept it.
+        block.layer_norm = SequenceParallelTorchNorm
+        for spec in {id(spec): spec for spec in block.layer_specs}.values():
+            _replace_module(spec, WrappedTorchNorm, SequenceParallelTorchNorm)
+    return block
+
+
+def _customise_attention(attention: ModuleSpec, config: TransformerConfig, use_te: bool, arch: DecoderArchitecture):
+    if config.multi_latent_attention:
+        attention.module = MLASelfAttentionOwnRotary
+        attention.submodules.core_attention = LatentDotProductAttention
+        if use_te:
+            # The local spec shards the latent down-projections over TP (ColumnParallelLinear);
+            # TE's default replicates them. Shard them on both paths so one rule set covers both.
+            from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+            attention.submodules.linear_q_down_proj = TEColumnParallelLinear
+            attention.submodules.linear_kv_down_proj = TEColumnParallelLinear
+    else:
+        attention.submodules.core_attention = MaskedRowsDotProductAttention
+    if arch.qk_norm_over_heads():
+        attention.submodules.q_layernorm = QueryProjectionRMSNorm
+        attention.submodules.k_layernorm = KeyProjectionRMSNorm
+
+
+def _replace_module(spec, old: type, new: type) -> None:
+    """Swap every use of module class `old` in a spec tree (ModuleSpecs and their submodule dataclasses)."""
+    holder = spec.submodules if isinstance(spec, ModuleSpec) else spec
+    if holder is None or not hasattr(holder, "__dataclass_fields__"):
+        return
+    for name in holder.__dataclass_fields__:
+        value = getattr(holder, name)
+        if value is old:
+            setattr(holder, name, new)
+        elif isinstance(value, ModuleSpec) and value.module is old:
+            value.module = new
+        elif isinstance(value, ModuleSpec) or hasattr(value, "__dataclass_fields__"):
+            _replace_module(value, old, new)
+
+
 @contextlib.contextmanager
 def _no_embedding_sync():
     """GPTModel's constructor all-reduces a tied output layer from the first stage (via `.cuda()`).
@@ -121,12 +245,42 @@ def _no_embedding_sync():
         LanguageModule._is_in_embd_group = original
 
 
+def mark_tensor_parallel_weights(chunks) -> None:
+    """Set mcore's `tensor_model_parallel` / `partition_dim` flags on sharded weights that lack them.
+
+    mcore sets them on a linear's weight only while initialising it (`_initialize_affine_weight_*`,
+    tensor_parallel/layers.py); a model built with `perform_initialization=False` and loaded from a
+    checkpoint has them on biases only. The gradient norm needs them to count each shard once.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+                dim = 0
+            elif isinstance(module, RowParallelLinear):
+                dim = 1
+            elif getattr(module, "parallel_mode", None) in ("column", "row"):  # Transformer Engine linears
+                dim = 0 if module.parallel_mode == "column" else 1
+            else:
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                if name.startswith("weight") and param.dim() == 2 and not hasattr(param, "tensor_model_parallel"):
+                    set_tensor_model_parallel_attributes(param, True, dim, 1)
+
+
 def build_model(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.dtype) -> BuiltModel:
     """The GPTModel chunks of this rank (one per virtual stage), parameters on the meta device."""
     check_model_fits(arch, layout)
     config = make_transformer_config(arch, layout, dtype)
     use_te = transformer_engine_available()
-    spec = _layer_spec(config, use_te)
+    if not use_te:
+        bridge_missing_transformer_engine()  # also on a GPU without TE (megatron-core 0.16 MLA import)
     tp, pp_rank, stages = layout.tp, ps.get_pipeline_model_parallel_rank(), layout.virtual_stages
     vocab = arch.hf.vocab_size
     padded_vocab = -(-vocab // tp) * tp
@@ -136,7 +290,9 @@ def build_model(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.
             chunks.append(
                 GPTModel(
                     config=config,
-                    transformer_layer_spec=spec,
+                    transformer_layer_spec=_block_spec(
+                        config, use_te, arch, pp_rank, stage if stages > 1 else None
+                    ),
                     vocab_size=padded_vocab,
                     max_sequence_length=getattr(arch.hf, "max_position_embeddings", 4096),
                     pre_process=pp_rank == 0 and stage == 0,
@@ -147,6 +303,7 @@ def build_model(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.
                     vp_stage=stage if stages > 1 else None,
                 )
             )
+    mark_tensor_parallel_weights(chunks)
     shard_layout = ShardLayout(
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=tp,
@@ -156,5 +313,8 @@ def build_model(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.
         head_dim=config.kv_channels,
         vocab_size=vocab,
         padded_vocab_size=padded_vocab,
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        etp_size=ps.get_expert_tensor_parallel_world_size(),
+        num_experts=config.num_moe_experts or 0,
     )
     return BuiltModel(chunks, shard_layout, use_te)

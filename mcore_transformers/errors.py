@@ -19,3 +19,7 @@ class LayoutError(MCoreTransformersError):
 
 class SaveTargetError(MCoreTransformersError):
     """The save destination cannot be written safely."""
+
+
+class AdapterError(MCoreTransformersError):
+    """A LoRA adapter or config that cannot run on (or be loaded into) this megatron-core model."""

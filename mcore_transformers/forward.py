@@ -8,7 +8,7 @@ padding and sliding windows explicitly (mcore's own default mask is causal-only)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -20,20 +20,31 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 @dataclass(frozen=True)
 class ForwardInputs:
     input_ids: torch.Tensor  # [b, s]
-    attention_mask: torch.Tensor  # [b, 1, s, s] bool, True = masked out
-    rotary: torch.Tensor  # [s, b, 1, rotary_dim] angles
+    attention_mask: torch.Tensor  # [b, 1, s, past + s] bool, True = masked out
+    rotary: torch.Tensor  # [past + s, b, 1, rotary_dim] angles: the cached keys' positions, then these
+    # megatron-core inference context holding this rank's KV cache (None: no cache). Attention writes
+    # this step's keys/values at its `sequence_len_offset` and attends over everything cached so far.
+    inference_context: Optional[Any] = None
+    # Positions (along the sequence) whose logits are computed: a slice or a 1-D index tensor; None = all.
+    keep: Union[slice, torch.Tensor, None] = None
 
 
 def attention_mask_for(
-    padding_mask: Optional[torch.Tensor], batch: int, seq: int, window: Optional[int], device: torch.device
+    padding_mask: Optional[torch.Tensor], batch: int, seq: int, window: Optional[int], device: torch.device,
+    past: int = 0,
 ) -> torch.Tensor:
-    """Causal (+ sliding window) mask combined with the HF [b, s] padding mask; True = not attended."""
-    query = torch.arange(seq, device=device)[:, None]
-    key = torch.arange(seq, device=device)[None, :]
+    """Causal (+ sliding window) mask combined with the HF padding mask; True = not attended.
+
+    The queries are positions `past .. past + seq - 1` of the sequence, the keys `0 .. past + seq - 1`
+    (`past` > 0 when earlier positions sit in a KV cache). `padding_mask` is HF's 2-D mask over all
+    `past + seq` positions, 1 = real token.
+    """
+    query = torch.arange(past, past + seq, device=device)[:, None]
+    key = torch.arange(past + seq, device=device)[None, :]
     masked = key > query
     if window is not None:
         masked = masked | (query - key >= window)
-    masked = masked[None, None].expand(batch, 1, seq, seq)
+    masked = masked[None, None].expand(batch, 1, seq, past + seq)
     if padding_mask is not None:
         masked = masked | ~padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
     return masked
@@ -53,9 +64,16 @@ def run_chunk(chunk: GPTModel, inputs: ForwardInputs, hidden: Optional[torch.Ten
     else:
         chunk.decoder.set_input_tensor(hidden)
         hidden = None
-    hidden = chunk.decoder(hidden_states=hidden, attention_mask=inputs.attention_mask, rotary_pos_emb=inputs.rotary)
+    hidden = chunk.decoder(
+        hidden_states=hidden,
+        attention_mask=inputs.attention_mask,
+        rotary_pos_emb=inputs.rotary,
+        inference_context=inputs.inference_context,
+    )
     if not chunk.post_process:
         return hidden
+    if inputs.keep is not None:
+        hidden = hidden[inputs.keep]  # [s, b, h] → [kept, b, h]: logits only where they are wanted
     weight = chunk.shared_embedding_or_output_weight() if chunk.share_embeddings_and_output_weights else None
     logits, _ = chunk.output_layer(hidden, weight=weight)
     return logits

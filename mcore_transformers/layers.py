@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+import torch.distributed.nn as dist_nn
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 
 class MaskedRowsDotProductAttention(DotProductAttention):
@@ -13,9 +18,95 @@ class MaskedRowsDotProductAttention(DotProductAttention):
     only through masked keys, but their own logits reach the loss when the next label is real.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # On a sliding-window layer megatron's softmax replaces the mask it is given by a causal window
+        # mask of its own (padding lost); keep the window here and add it to our mask instead.
+        self.window = self.scale_mask_softmax.window_size
+        self.scale_mask_softmax.window_size = None
+
     def forward(self, query, key, value, attention_mask, *args, **kwargs):
+        if self.window is not None and attention_mask is not None:
+            queries, keys = attention_mask.shape[-2:]  # the queries are the last positions of the keys
+            position = torch.arange(keys, device=attention_mask.device)
+            distance = position[keys - queries :, None] - position[None, :]
+            attention_mask = attention_mask | (distance > self.window[0])  # window = (left, right) like TE
         context = super().forward(query, key, value, attention_mask, *args, **kwargs)
         if attention_mask is None:
             return context
         blind = attention_mask.all(dim=-1)  # [b, 1, s]: rows with no visible key
         return context.masked_fill(blind.permute(2, 0, 1), 0.0)  # context is [s, b, h]
+
+
+class LatentDotProductAttention(MaskedRowsDotProductAttention):
+    """The same core for multi-latent attention, whose keys and values have different head sizes.
+
+    megatron's MLA builds its core with `k_channels` / `v_channels` (TE's attention takes them; the
+    local DotProductAttention of megatron-core 0.16 does not). The score scale comes from MLA
+    (`softmax_scale`); only the output width depends on the value head size.
+    """
+
+    def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if v_channels is not None:
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+
+class MLASelfAttentionOwnRotary(MLASelfAttention):
+    """megatron's MLA, which applies its own rotary (YaRN included): the block's rotary angles are dropped."""
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+
+class _ProjectionRMSNorm(torch.nn.Module):
+    """RMSNorm over a whole q or k projection (every head at once), as OLMo/OLMoE apply it before rotary.
+
+    megatron's q/k norms act per head. This one takes the same [s, b, heads, head_dim] input but
+    normalises each token over all heads; under TP each rank holds its heads' slice of the weight
+    and the sum of squares is all-reduced over the TP group. Computed in float32 like transformers.
+    """
+
+    def __init__(self, heads: int, hidden_size: int, config, eps: float = 1e-6):
+        super().__init__()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.eps = eps
+        self.full_size = heads * hidden_size
+        self.weight = torch.nn.Parameter(torch.ones(heads // tp * hidden_size, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(*shape[:-2], -1).float()
+        square_sum = x.pow(2).sum(-1, keepdim=True)
+        group = parallel_state.get_tensor_model_parallel_group()
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            square_sum = dist_nn.all_reduce(square_sum, group=group)  # autograd-aware sum over TP
+        x = x * torch.rsqrt(square_sum / self.full_size + self.eps)
+        return (self.weight * x.to(dtype)).reshape(shape)
+
+
+class QueryProjectionRMSNorm(_ProjectionRMSNorm):
+    def __init__(self, hidden_size: int, config, eps: float = 1e-6):
+        super().__init__(config.num_attention_heads, hidden_size, config, eps)
+
+
+class KeyProjectionRMSNorm(_ProjectionRMSNorm):
+    def __init__(self, hidden_size: int, config, eps: float = 1e-6):
+        super().__init__(config.num_query_groups, hidden_size, config, eps)
+
+
+class SequenceParallelTorchNorm:
+    """megatron's WrappedTorchNorm (torch LayerNorm / RMSNorm) without its refusal of sequence parallelism.
+
+    A norm acts on each token alone, so a shard of the sequence changes nothing in the forward. Its
+    weights are marked `sequence_parallel` as megatron marks its own norms, so gradient reduction
+    sums their gradients over the TP group. Used on the non-TE path (TE's norms accept SP).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        return norm

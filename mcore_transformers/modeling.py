@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Iterator, Optional, Union
@@ -18,14 +19,23 @@ from transformers.utils import logging
 from .architectures import DecoderArchitecture, get_architecture
 from .building import build_model
 from .conversion.binding import BoundParam, bind_parameters
-from .conversion.exporter import PlannedTensor, export_plan, iter_hf_tensors
+from .conversion.exporter import PlannedTensor, UnclaimedTensors, export_plan, iter_hf_tensors
 from .conversion.loader import check_checkpoint, check_materialised, load_parameters
 from .conversion.reader import CheckpointReader
 from .conversion.rules import ShardLayout
 from .conversion.writer import check_save_target, write_hf_folder
 from .architectures.base import TE_FUSED_NORM_NAMES
 from .forward import ForwardInputs, attention_mask_for, broadcast_from_last_stage, forward_logits, rotary_angles
+from .generation import (
+    GenerationError,
+    MCoreKVCache,
+    check_cache_fits,
+    check_ranks_agree,
+    model_parallel_group,
+    sampling_in_lockstep,
+)
 from .hub import resolve_checkpoint
+from .peft.targets import attach as attach_lora_targets
 from .runtime.parallel import DEFAULT_SEED, ParallelConfig, default_device, init_parallel_state
 
 logger = logging.get_logger(__name__)
@@ -60,6 +70,7 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _supports_cache_class = False
     _no_split_modules: list = []
+    supports_gradient_checkpointing = True
 
     def __init__(
         self,
@@ -92,6 +103,19 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> Optional[nn.Module]:
         first = self.chunks[0]
         return first.embedding.word_embeddings if first.pre_process else None
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers' activation checkpointing → megatron-core full-layer recompute."""
+        from .training.trainer import enable_recompute
+
+        enable_recompute(self, activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        from .training.trainer import disable_recompute
+
+        disable_recompute(self)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -137,16 +161,18 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         init_parallel_state(layout, seed=seed)
         built = build_model(arch, layout, dtype)
         renames = TE_FUSED_NORM_NAMES if built.uses_transformer_engine else {}
-        bound = bind_parameters(built.chunks, arch.rules(), renames)
         with CheckpointReader(folder) as reader:
+            # The checkpoint's names choose among a rule's layouts (per-expert or stacked experts).
+            bound = bind_parameters(built.chunks, arch.rules(), renames, available=reader)
             check_checkpoint(bound, reader, built.shard_layout)
-            load_parameters(bound, reader, built.shard_layout, dtype, default_device(), show_progress=_is_rank0())
+            load_parameters(bound, reader, built.shard_layout, dtype, default_device(), show_progress=_is_rank0() and logging.is_progress_bar_enabled())
         check_materialised(built.chunks)
         model = cls(config, arch, built.chunks, built.shard_layout, layout, bound, source_folder=folder)
         if os.path.exists(os.path.join(folder, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.to(default_device())
         model.eval()
+        attach_lora_targets(model)  # the HF-named view peft targets: model.layers.N.self_attn.q_proj, ...
         return model
 
     # ---- forward -------------------------------------------------------------------------------
@@ -155,12 +181,23 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[MCoreKVCache] = None,
+        use_cache: Optional[bool] = None,
         labels: Optional[torch.LongTensor] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        cache_position: Optional[torch.LongTensor] = None,
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """HF causal-LM forward: full-vocab logits on every rank; loss shifted inside, -100 ignored."""
+        """HF causal-LM forward: full-vocab logits on every rank; loss shifted inside, -100 ignored.
+
+        With `past_key_values` (an `MCoreKVCache`, which `generate` builds) the tokens are appended to
+        the cache: `attention_mask` then covers the cached tokens and these (HF's convention) and
+        `position_ids` default to the positions after the cached ones. `use_cache=True` without a cache
+        starts one. `logits_to_keep` (int: the last n positions, 0 = all; or 1-D indices) limits the
+        positions whose logits are computed.
+        """
         if inputs_embeds is not None:
             raise NotImplementedError("inputs_embeds is not supported: pass input_ids.")
         if input_ids is None:
@@ -168,47 +205,168 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         device = self.rotary_inv_freq.device
         input_ids = input_ids.to(device)
         batch, seq = input_ids.shape
+
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, MCoreKVCache):
+            raise GenerationError(
+                f"past_key_values must be an MCoreKVCache (got {type(cache).__name__}): megatron-core keeps the "
+                "keys and values in its own inference context. Let generate() build it, or use model.new_kv_cache()."
+            )
+        if cache is None and use_cache and not self.training:
+            cache = self.new_kv_cache(batch, seq)
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache_position is not None and cache_position.numel() and int(cache_position.reshape(-1)[0]) != past:
+            raise GenerationError(
+                f"cache_position starts at {int(cache_position.reshape(-1)[0])} but the KV cache holds {past} tokens: "
+                "pass the cache these positions continue (or no cache_position)."
+            )
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
+            if attention_mask.shape != (batch, past + seq):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but must be [batch, cached + new tokens] "
+                    f"= [{batch}, {past} + {seq}]: with a KV cache it covers the cached tokens too, as in transformers."
+                )
         if position_ids is None:
-            position_ids = torch.arange(seq, device=device).expand(batch, seq)
+            position_ids = torch.arange(past, past + seq, device=device).expand(batch, seq)
         position_ids = position_ids.to(device)
+        if position_ids.shape[0] == 1 and batch > 1:
+            position_ids = position_ids.expand(batch, seq)
 
         # Sequence parallelism splits the sequence across TP ranks: pad it to a multiple of tp
-        # with masked positions on the right (invisible to every real token under causal masking).
+        # with masked positions on the right (invisible to every real token under causal masking;
+        # in a KV cache they sit beyond the cached length, overwritten by the next step).
+        sequence_parallel = self.layout.sequence_parallel
         padded_seq = seq
-        if self.layout.sequence_parallel and seq % self.layout.tp:
+        if sequence_parallel and seq % self.layout.tp:
             padded_seq = -(-seq // self.layout.tp) * self.layout.tp
             extra = padded_seq - seq
             input_ids = nn.functional.pad(input_ids, (0, extra))
             position_ids = torch.cat([position_ids, position_ids[:, -1:] + torch.arange(1, extra + 1, device=device)], 1)
             if attention_mask is None:
-                attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+                attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=device)
             attention_mask = nn.functional.pad(attention_mask, (0, extra))
 
+        # Which positions get logits (generate asks for the last one only).
+        if isinstance(logits_to_keep, torch.Tensor):
+            keep, kept = logits_to_keep.to(device).reshape(-1).long(), logits_to_keep.numel()
+        elif 0 < logits_to_keep < seq:
+            keep, kept = slice(seq - logits_to_keep, seq), logits_to_keep
+        else:
+            keep, kept = None, seq
+
+        rotary_positions = cache.begin_step(position_ids) if cache is not None else position_ids
         inputs = ForwardInputs(
             input_ids=input_ids,
-            attention_mask=attention_mask_for(attention_mask, batch, padded_seq, self.arch.sliding_window(), device),
-            rotary=rotary_angles(position_ids, self.rotary_inv_freq),
+            attention_mask=attention_mask_for(
+                attention_mask, batch, padded_seq, self.arch.sliding_window(), device, past=past
+            ),
+            rotary=rotary_angles(rotary_positions, self.rotary_inv_freq),
+            inference_context=cache.context if cache is not None else None,
+            # Under sequence parallelism the output layer gathers the sequence itself: cut afterwards.
+            keep=None if sequence_parallel else keep,
         )
-        hidden_seq = padded_seq // self.layout.tp if self.layout.sequence_parallel else padded_seq
+        hidden_seq = padded_seq // self.layout.tp if sequence_parallel else padded_seq
         hidden_shape = (hidden_seq, batch, self.config.hidden_size)
+        cut_after = sequence_parallel or keep is None  # else run_chunk computed only the kept positions
+        logits_seq = padded_seq if cut_after else kept
         if self.layout.pp > 1:
             # Pipeline stages run here for inference and evaluation; training under pp goes through
             # megatron's pipeline schedule (MCoreTrainer), which owns the backward pass.
             with torch.no_grad():
                 logits = forward_logits(self.chunks, inputs, hidden_shape, self.dtype)
                 logits = broadcast_from_last_stage(
-                    logits, (padded_seq, batch, self.shard_layout.padded_vocab_size), self.dtype, device
+                    logits, (logits_seq, batch, self.shard_layout.padded_vocab_size), self.dtype, device
                 )
         else:
             logits = forward_logits(self.chunks, inputs, hidden_shape, self.dtype)
-        logits = logits.transpose(0, 1)[:, :seq, : self.config.vocab_size].contiguous()
+        if cache is not None:
+            cache.end_step(seq)
+        logits = logits.transpose(0, 1)[:, :, : self.config.vocab_size]
+        if cut_after:
+            logits = logits[:, :seq]
+            if keep is not None:
+                logits = logits[:, keep]
+        logits = logits.contiguous()
 
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels.to(device), vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def new_kv_cache(self, batch_size: int, max_length: int) -> MCoreKVCache:
+        """An empty KV cache for `batch_size` rows and `max_length` tokens (it grows if a forward needs more).
+
+        Under sequence parallelism a step is padded up to a multiple of tp, hence the tp - 1 spare slots.
+        """
+        spare = self.layout.tp - 1 if self.layout.sequence_parallel else 0
+        return MCoreKVCache(batch_size, max_length + spare, self.rotary_inv_freq.device)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """transformers must not build a DynamicCache: the model owns its cache (an MCoreKVCache)."""
+        return False
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit is not None and input_ids_length > limit:
+            raise GenerationError(
+                f"The prompt has {input_ids_length} tokens but the model was trained for at most "
+                f"max_position_embeddings={limit}. Shorten (or truncate) the prompt to {limit} tokens or fewer."
+            )
+        if limit is not None and generation_config.max_length > limit:
+            logger.warning_once(
+                f"Generating up to {generation_config.max_length} tokens, beyond max_position_embeddings={limit}: "
+                "positions past the trained range (transformers generates them the same way)."
+            )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        """Reserve an MCoreKVCache for every row generate will run (prompts × beams / return sequences).
+
+        A cache passed in `past_key_values` is used as it is (grown if too short); none is made when
+        `use_cache=False`. A cache that would not fit in free memory is refused before any work starts.
+        """
+        rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None:
+            if not isinstance(cache, MCoreKVCache):
+                raise GenerationError(
+                    f"past_key_values must be an MCoreKVCache (got {type(cache).__name__}); build one with "
+                    "model.new_kv_cache(batch_size, max_length) or let generate() build it."
+                )
+            if cache.batch_size != rows:
+                raise GenerationError(
+                    f"The KV cache passed in holds {cache.batch_size} rows but this generate() runs {rows} "
+                    f"({batch_size} prompt(s) × {rows // batch_size} beam(s)/return sequence(s)). Pass a cache "
+                    "with that many rows, or none."
+                )
+            cache._is_user_defined = True
+            cache.reserve(max_cache_length)
+            return
+        if generation_config.use_cache is False:
+            return
+        check_cache_fits(
+            self.chunks, batch_size, rows, max_cache_length, self.dtype, self.rotary_inv_freq.device,
+            model_parallel_group(),
+        )
+        model_kwargs["past_key_values"] = self.new_kv_cache(rows, max_cache_length)
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, collective over the ranks of the model; every rank returns the same ids.
+
+        All ranks of a model-parallel group must pass the same inputs and settings. Sampling draws with
+        the random state of the group's first rank (broadcast at the start), so a seed set there gives
+        what transformers samples in one process. A `streamer` is fed on global rank 0 only.
+        """
+        if not _is_rank0():
+            kwargs.pop("streamer", None)
+        group = model_parallel_group()
+        with sampling_in_lockstep(group):
+            output = super().generate(*args, **kwargs)
+        check_ranks_agree(output if isinstance(output, torch.Tensor) else output.sequences, group)
+        return output
 
     # ---- export --------------------------------------------------------------------------------
     def export_plan(self) -> list[PlannedTensor]:
@@ -225,12 +383,19 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Global parameter count of the HF model (every shard, once; no vocab padding)."""
         total = 0
         for entry in self.export_plan():
+            if entry.buffer:  # e.g. DeepSeek-V3's routing score correction: a buffer in transformers too
+                continue
             for name, shape in zip(entry.names, entry.shapes):
                 if exclude_embeddings and ("embed_tokens" in name or "lm_head" in name):
                     continue
                 total += math.prod(shape)
         if only_trainable and not all(p.requires_grad for p in self.parameters()):
-            local = sum(p.numel() for p in self.parameters() if p.requires_grad)
+            # Parameters replicated over tensor parallelism (norms, LoRA adapters) count on TP rank 0 only.
+            tp_rank = ps.get_tensor_model_parallel_rank()
+            local = sum(
+                p.numel() for p in self.parameters()
+                if p.requires_grad and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+            )
             if dist.is_initialized() and dist.get_world_size() > 1:
                 count = torch.tensor([local], dtype=torch.float64)
                 dist.all_reduce(count, group=ps.get_model_parallel_group())
@@ -263,9 +428,17 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         plan = self.export_plan()
         stream = iter_hf_tensors(self._bound, self.shard_layout, plan, to="rank0")
         if _is_rank0():
-            specs = [(n, s, e.dtype) for e in plan for n, s in zip(e.names, e.shapes)]
-            progress = tqdm(stream, total=len(specs), desc="Saving", unit="tensor")
-            write_hf_folder(target, progress, specs, max_shard_size, self.source_folder, self.config.save_pretrained)
+            # Source tensors no rule claims (DeepSeek-V3's MTP layers) are copied through verbatim.
+            unclaimed = UnclaimedTensors(self.source_folder, plan)
+            specs = [(n, s, e.dtype) for e in plan for n, s in zip(e.names, e.shapes)] + unclaimed.specs
+            progress = tqdm(
+                itertools.chain(stream, unclaimed), total=len(specs), desc="Saving", unit="tensor",
+                disable=not logging.is_progress_bar_enabled(),
+            )
+            try:
+                write_hf_folder(target, progress, specs, max_shard_size, self.source_folder, self.config.save_pretrained)
+            finally:
+                unclaimed.close()
         else:
             for _ in stream:
                 pass

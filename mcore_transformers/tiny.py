@@ -22,7 +22,28 @@ FAMILIES: dict[str, dict] = {
     "mistral": dict(sliding_window=7),
     "qwen2": dict(),
     "qwen3": dict(head_dim=24),  # head_dim != hidden / heads
+    # Mixtures of experts: 4 or 8 small experts, so ep=2 splits them and routing has real choices.
+    "qwen3_moe": dict(head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "qwen2_moe": dict(  # one dense layer among the MoE layers; shared expert with its sigmoid gate
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        mlp_only_layers=[1],
+    ),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=7),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "deepseek_v3": dict(  # MLA with YaRN, group-limited sigmoid routing, shared expert, first layer dense
+        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2,
+        moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+    "gpt_oss": dict(  # sinks, biases, clamped SwiGLU, a window of 4 on alternate layers, YaRN
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                      "original_max_position_embeddings": 64, "rope_theta": 150000.0},
+    ),
 }
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")
 
 
 def tiny_config(model_type: str, **overrides):
@@ -32,9 +53,13 @@ def tiny_config(model_type: str, **overrides):
 
 def make_tiny_checkpoint(
     folder: str, model_type: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
-    max_shard_size: Optional[str] = None, **overrides,
+    max_shard_size: Optional[str] = None, stacked_experts: bool = False, **overrides,
 ) -> str:
-    """Write a random `model_type` checkpoint with transformers' own save_pretrained; returns the folder."""
+    """Write a random `model_type` checkpoint with transformers' own save_pretrained; returns the folder.
+
+    `stacked_experts=True` writes the model's state dict as transformers holds it in memory instead
+    (MoE experts stacked: `mlp.experts.gate_up_proj` [E, 2·I, H]), a layout transformers also loads.
+    """
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -42,7 +67,18 @@ def make_tiny_checkpoint(
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+        for name, buffer in model.named_buffers():  # routing score corrections (DeepSeek-V3)
+            if name.endswith("_bias") and buffer.is_floating_point():
+                buffer.add_(torch.randn_like(buffer) * 0.1)
     os.makedirs(folder, exist_ok=True)
+    if stacked_experts:
+        from safetensors.torch import save_file
+
+        model.config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return folder
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return folder

@@ -1,6 +1,17 @@
 """One file per HF family: config translation and weight rules. Importing registers them."""
 
-from . import llama, mistral, qwen2, qwen3  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    deepseek_v3,
+    gpt_oss,
+    llama,
+    mistral,
+    mixtral,
+    olmoe,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+)
 from .base import ARCHITECTURES, DecoderArchitecture, get_architecture, register
 
 __all__ = ["ARCHITECTURES", "DecoderArchitecture", "get_architecture", "register"]

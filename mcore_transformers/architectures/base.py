@@ -7,13 +7,26 @@ its family does differently. The engine reads `transformer_config()`, `rules()`,
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from ..conversion.rules import Column, FusedGateUp, FusedQKV, Replicated, Row, Rule, VocabColumn
+from ..conversion.rules import (
+    Column,
+    Expert,
+    ExpertStack,
+    FusedGateUp,
+    FusedQKV,
+    GateUpRows,
+    OneOf,
+    Replicated,
+    Row,
+    Rule,
+    VocabColumn,
+)
 from ..errors import UnsupportedModelError
 
 ARCHITECTURES: dict[str, type["DecoderArchitecture"]] = {}
@@ -39,13 +52,16 @@ LAYER = "decoder.layers.{i}."
 HF_LAYER = "model.layers.{i}."
 
 # Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear.
+# A rule matches either name (an MoE layer keeps its pre-MLP norm as a module under TE too).
 TE_FUSED_NORM_NAMES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
+    "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
 }
 
 # Rope types whose frequencies depend only on the config (not on the running sequence length).
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "proportional")
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "proportional", "yarn")
 
 
 class DecoderArchitecture:
@@ -86,6 +102,10 @@ class DecoderArchitecture:
     def qk_layernorm(self) -> bool:
         return False
 
+    def qk_norm_over_heads(self) -> bool:
+        """True: the q/k norms span the whole projection (all heads), not each head (OLMo, OLMoE)."""
+        return False
+
     def sliding_window(self) -> Optional[int]:
         """Attention window (keys within this distance are visible), or None for full causal attention."""
         return None
@@ -109,12 +129,30 @@ class DecoderArchitecture:
             add_bias_linear=self.linear_bias(),
             add_qkv_bias=self.qkv_bias() or self.linear_bias(),
             qk_layernorm=self.qk_layernorm(),
+            softmax_scale=self.softmax_scale(),
             hidden_dropout=0.0,
             attention_dropout=0.0,
+            **self.moe_config(),
         )
+
+    def moe_config(self) -> dict:
+        """TransformerConfig kwargs of a mixture-of-experts MLP; a dense family has none."""
+        return {}
 
     def rope(self) -> torch.Tensor:
         """Rotary inverse frequencies exactly as transformers computes them for this config."""
+        return self._rope()[0]
+
+    def softmax_scale(self) -> Optional[float]:
+        """The attention score scale, when the rope changes it (None: 1/sqrt(head_dim)).
+
+        transformers multiplies cos and sin by the rope's attention factor (YaRN's mscale), so every
+        q·k grows by its square; megatron gets the same scores from a larger softmax scale.
+        """
+        scaling = self._rope()[1]
+        return None if scaling == 1.0 else scaling**2 / math.sqrt(self.head_dim)
+
+    def _rope(self) -> tuple[torch.Tensor, float]:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         params = getattr(self.hf, "rope_parameters", None) or {}
@@ -126,11 +164,9 @@ class DecoderArchitecture:
         if rope_type == "default":
             base = params.get("rope_theta", getattr(self.hf, "rope_theta", 10000.0))
             dim = int(self.head_dim * params.get("partial_rotary_factor", 1.0))
-            return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
         inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.hf, torch.device("cpu"))
-        if attention_scaling != 1.0:
-            raise UnsupportedModelError(f"rope_type={rope_type!r} with attention scaling {attention_scaling} is not supported.")
-        return inv_freq
+        return inv_freq, float(attention_scaling)
 
     # ---- weight rules ------------------------------------------------------------------------
     def rules(self) -> list[Rule]:
@@ -167,14 +203,19 @@ class DecoderArchitecture:
         if self.linear_bias():
             rules.append(Replicated(attn + "linear_proj.bias", hf_attn + "o_proj.bias"))
         if self.qk_layernorm():
+            # A norm over one head is the same on every rank; one over all heads is split with them.
+            norm = Column if self.qk_norm_over_heads() else Replicated
             rules += [
-                Replicated(attn + "q_layernorm.weight", hf_attn + "q_norm.weight"),
-                Replicated(attn + "k_layernorm.weight", hf_attn + "k_norm.weight"),
+                norm(attn + "q_layernorm.weight", hf_attn + "q_norm.weight"),
+                norm(attn + "k_layernorm.weight", hf_attn + "k_norm.weight"),
             ]
         return rules
 
     def mlp_rules(self) -> list[Rule]:
-        mlp, hf_mlp = LAYER + "mlp.", HF_LAYER + "mlp."
+        return self.dense_mlp_rules()
+
+    def dense_mlp_rules(self, hf_mlp: str = HF_LAYER + "mlp.") -> list[Rule]:
+        mlp = LAYER + "mlp."
         rules: list[Rule] = [
             FusedGateUp(mlp + "linear_fc1.weight", hf_mlp + "gate_proj.weight", hf_mlp + "up_proj.weight"),
             Row(mlp + "linear_fc2.weight", hf_mlp + "down_proj.weight"),
@@ -185,3 +226,115 @@ class DecoderArchitecture:
                 Replicated(mlp + "linear_fc2.bias", hf_mlp + "down_proj.bias"),
             ]
         return rules
+
+
+class MoEDecoder(DecoderArchitecture):
+    """A decoder whose MLP is a routed mixture of experts (megatron-core's MoELayer), on all or some layers.
+
+    A family names its HF tensors with the class attributes below (relative to `model.layers.{i}.`)
+    and overrides the routing hooks that differ. Routed experts are megatron's
+    `mlp.experts.local_experts.{e}` (grouped-GEMM `weight{e}` names bind to the same rules);
+    `{e}` in HF names is the global expert index.
+
+    Checkpoints store routed experts one tensor per expert and projection (what transformers'
+    save_pretrained writes for these families) or stacked as transformers holds them in memory
+    (`mlp.experts.gate_up_proj` [E, 2·I, H], `mlp.experts.down_proj` [E, H, I]; transformers loads
+    and re-saves that layout too). Both are read; a model saves back the layout it was loaded from.
+    """
+
+    hf_moe: ClassVar[str] = "mlp."  # the sparse block
+    hf_router: ClassVar[str] = "gate.weight"
+    hf_stacked_moe: ClassVar[str] = "mlp."  # the sparse block in transformers' in-memory (stacked) layout
+    hf_expert: ClassVar[str] = "experts.{e}."
+    hf_expert_gate_up_down: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    hf_shared_expert: ClassVar[Optional[str]] = None  # e.g. "shared_expert."
+    hf_shared_expert_gate: ClassVar[Optional[str]] = None  # sigmoid gate on the shared expert's output
+    hf_expert_bias: ClassVar[Optional[str]] = None  # routing-only score correction (DeepSeek-V3)
+
+    # ---- routing -----------------------------------------------------------------------------
+    def num_experts(self) -> int:
+        return self.hf.num_experts
+
+    def experts_per_token(self) -> int:
+        return self.hf.num_experts_per_tok
+
+    def moe_intermediate_size(self) -> int:
+        return self.hf.moe_intermediate_size
+
+    def normalize_top_k(self) -> bool:
+        """Top-k routing weights renormalised to sum to one."""
+        return bool(getattr(self.hf, "norm_topk_prob", False))
+
+    def shared_expert_size(self) -> Optional[int]:
+        return None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return True
+
+    def router_config(self) -> dict:
+        """Softmax over all experts, top-k, optionally renormalised (Qwen-MoE, Mixtral, OLMoE)."""
+        top_k = self.experts_per_token()
+        if top_k == 1 and self.normalize_top_k():
+            raise UnsupportedModelError(
+                "top-1 routing with renormalised weights (a weight of exactly 1) has no megatron-core router."
+            )
+        # Renormalised softmax top-k == softmax over the top-k logits (mcore without pre-softmax).
+        return dict(moe_router_score_function="softmax", moe_router_pre_softmax=not self.normalize_top_k())
+
+    def moe_config(self) -> dict:
+        hf = self.hf
+        if getattr(hf, "hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act={hf.hidden_act!r}: only SwiGLU ('silu') experts are supported.")
+        shared = self.shared_expert_size()
+        return dict(
+            num_moe_experts=self.num_experts(),
+            moe_ffn_hidden_size=self.moe_intermediate_size(),
+            moe_router_topk=self.experts_per_token(),
+            moe_layer_freq=[int(self.is_moe_layer(i)) for i in range(hf.num_hidden_layers)],
+            moe_shared_expert_intermediate_size=shared,
+            moe_shared_expert_gate=shared is not None and self.hf_shared_expert_gate is not None,
+            # Auxiliary losses shape training only; transformers adds none unless output_router_logits.
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            **self.router_config(),
+        )
+
+    # ---- weight rules ------------------------------------------------------------------------
+    def mlp_rules(self) -> list[Rule]:
+        hf_moe = HF_LAYER + self.hf_moe
+        mlp = LAYER + "mlp."
+        router: Rule = Replicated(mlp + "router.weight", hf_moe + self.hf_router)
+        if self.hf_stacked_moe != self.hf_moe:
+            router = OneOf(router, Replicated(mlp + "router.weight", HF_LAYER + self.hf_stacked_moe + self.hf_router))
+        rules: list[Rule] = [router]
+        if self.hf_expert_bias is not None:
+            rules.append(Replicated(mlp + "router.expert_bias", hf_moe + self.hf_expert_bias))
+        rules += self.expert_rules(mlp + "experts.local_experts.{e}.", hf_moe + self.hf_expert)
+        if self.hf_shared_expert is not None:
+            shared, hf_shared = mlp + "shared_experts.", hf_moe + self.hf_shared_expert
+            gate, up, down = self.hf_expert_gate_up_down
+            rules += [
+                FusedGateUp(shared + "linear_fc1.weight", hf_shared + f"{gate}.weight", hf_shared + f"{up}.weight"),
+                Row(shared + "linear_fc2.weight", hf_shared + f"{down}.weight"),
+            ]
+            if self.hf_shared_expert_gate is not None:
+                rules.append(Replicated(shared + "gate_weight", hf_moe + self.hf_shared_expert_gate))
+        if not all(self.is_moe_layer(i) for i in range(self.hf.num_hidden_layers)):
+            rules += self.dense_mlp_rules()  # dense layers bind these; MoE layers have no such parameters
+        return rules
+
+    def expert_rules(self, expert: str, hf_expert: str) -> list[Rule]:
+        gate, up, down = self.hf_expert_gate_up_down
+        stacked = HF_LAYER + self.hf_stacked_moe + "experts."
+        return [
+            OneOf(
+                Expert(
+                    FusedGateUp(expert + "linear_fc1.weight", hf_expert + f"{gate}.weight", hf_expert + f"{up}.weight")
+                ),
+                ExpertStack(GateUpRows(expert + "linear_fc1.weight", stacked + "gate_up_proj")),
+            ),
+            OneOf(
+                Expert(Row(expert + "linear_fc2.weight", hf_expert + f"{down}.weight")),
+                ExpertStack(Row(expert + "linear_fc2.weight", stacked + "down_proj")),
+            ),
+        ]

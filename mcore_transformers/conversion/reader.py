@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from contextlib import ExitStack
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +31,9 @@ class CheckpointReader:
         self._stack = ExitStack()
         self._where = self._locate_tensors()
         self.bytes_read = 0
+        self._offsets: Optional[dict[str, tuple[int, int]]] = None  # name -> data bytes [begin, end) in its file
+        self._maps: dict[str, torch.UntypedStorage] = {}  # shard -> copy-on-write mapping of the whole file
+        self._fds: dict[str, int] = {}
 
     def _locate_tensors(self) -> dict[str, str]:
         index_path = os.path.join(self.folder, INDEX_FILE)
@@ -70,6 +75,10 @@ class CheckpointReader:
         return handle
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._maps.clear()  # tensors made from a mapping keep it alive
         self._stack.close()
 
     def __enter__(self) -> "CheckpointReader":
@@ -106,6 +115,64 @@ class CheckpointReader:
             tensor = handle.get_slice(name)[tuple(index)]
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def read_rows(self, pieces: Sequence[tuple[str, int, int]]) -> torch.Tensor:
+        """Rows [start:stop) along dim 0 of each (name, start, stop), concatenated along dim 0.
+
+        When the pieces lie back to back in one file (HF writes gate_proj right before up_proj, so
+        the fused [gate; up] at tp=1) the result is a view of the file mapping: no copy, pages read
+        when touched. Otherwise each piece is read with pread straight into its place in one new
+        tensor: one copy, no page faults on a fresh mapping, no intermediate tensors.
+        """
+        dtype, rest = self.dtype(pieces[0][0]), self.shape(pieces[0][0])[1:]
+        row_bytes = math.prod(rest) * dtype.itemsize
+        spans = []  # (shard, first byte, end byte)
+        for name, start, stop in pieces:
+            if self.dtype(name) != dtype or self.shape(name)[1:] != rest:
+                raise CheckpointError(f"{name} and {pieces[0][0]} differ in dtype or trailing shape: they cannot be fused.")
+            begin = self._data_offsets()[name][0]
+            spans.append((self._where[name], begin + start * row_bytes, begin + stop * row_bytes))
+        rows = sum(stop - start for _, start, stop in pieces)
+        self.bytes_read += rows * row_bytes
+        if all(b[0] == a[0] and b[1] == a[2] for a, b in zip(spans, spans[1:])):
+            span = self._mapping(spans[0][0])[spans[0][1] : spans[-1][2]]  # a storage of just this span
+            return torch.empty(0, dtype=dtype).set_(span, 0, (rows, *rest))
+        out = torch.empty((rows, *rest), dtype=dtype)
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        pos = 0
+        for shard, begin, end in spans:
+            while begin < end:
+                got = os.preadv(self._fd(shard), [buffer[pos : pos + end - begin]], begin)
+                if got <= 0:
+                    raise CheckpointError(f"{os.path.join(self.folder, shard)} ended early: the file is truncated.")
+                pos, begin = pos + got, begin + got
+        return out
+
+    def _data_offsets(self) -> dict[str, tuple[int, int]]:
+        """Absolute byte range of every tensor's data in its file, from the safetensors headers."""
+        if self._offsets is None:
+            self._offsets = {}
+            for shard in self._files:
+                with open(os.path.join(self.folder, shard), "rb") as f:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(size))
+                for name, info in header.items():
+                    if name != "__metadata__":
+                        begin, end = info["data_offsets"]
+                        self._offsets[name] = (8 + size + begin, 8 + size + end)
+        return self._offsets
+
+    def _mapping(self, shard: str) -> torch.UntypedStorage:
+        """The whole shard mapped copy-on-write, once per shard (lazy: pages are read when touched)."""
+        if shard not in self._maps:
+            path = os.path.join(self.folder, shard)
+            self._maps[shard] = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
+        return self._maps[shard]
+
+    def _fd(self, shard: str) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(os.path.join(self.folder, shard), os.O_RDONLY)
+        return self._fds[shard]
 
 
 _DTYPES = {

@@ -7,8 +7,8 @@ Architecture files only name things; they never slice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar, Optional, Protocol, Sequence
 
 import torch
 
@@ -35,10 +35,31 @@ class ShardLayout:
     head_dim: int
     vocab_size: int
     padded_vocab_size: int
+    etp_rank: int = 0  # position in the expert-tensor-parallel group, which shards routed experts
+    etp_size: int = 1
+    num_experts: int = 0  # routed experts per MoE layer (the length of a stacked expert tensor)
 
     @property
     def kv_replication(self) -> int:
         return self.num_query_groups // self.num_key_value_heads
+
+    def for_experts(self) -> "ShardLayout":
+        """The layout routed experts see: their tensor-parallel group is the expert-TP group."""
+        return replace(self, tp_rank=self.etp_rank, tp_size=self.etp_size)
+
+
+def read_rows(source: TensorSource, pieces: Sequence[tuple[str, int, int]]) -> torch.Tensor:
+    """Rows [start:stop) of each (name, start, stop) concatenated along dim 0: the reader's `read_rows`
+    (zero-copy or pread, see CheckpointReader.read_rows); `read` + cat for other sources."""
+    fast = getattr(source, "read_rows", None)
+    if fast is not None:
+        return fast(pieces)
+    return torch.cat([source.read(name, 0, start, stop) for name, start, stop in pieces], 0)
+
+
+def _cat(shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """The full tensor from its TP shards; a single shard is returned as it is (no copy)."""
+    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim)
 
 
 def _range(total: int, layout: ShardLayout) -> tuple[int, int]:
@@ -55,10 +76,25 @@ class Rule:
     tp_dim: Optional[int] = None  # dimension split across TP ranks; None = replicated
     exported: bool = True  # False for copies (a tied output layer) whose source another rule exports
 
-    def names(self, layer: Optional[int]) -> tuple[str, tuple[str, ...]]:
+    expert: ClassVar[bool] = False  # True: one routed expert's tensor, sharded over expert-TP, placed by EP
+    stacked: ClassVar[bool] = False  # True: the HF tensors hold every expert, this one at index [expert]
+
+    def names(self, layer: Optional[int], expert: Optional[int] = None) -> tuple[str, tuple[str, ...]]:
         if layer is None:
             return self.mcore, self.hf
-        return self.mcore.format(i=layer), tuple(name.format(i=layer) for name in self.hf)
+        return self.mcore.format(i=layer, e=expert), tuple(name.format(i=layer, e=expert) for name in self.hf)
+
+    def shard_count(self, layout: ShardLayout) -> int:
+        """How many ranks hold a shard of this parameter (the shards `export` takes)."""
+        return layout.tp_size if self.tp_dim is not None else 1
+
+    def resolve(self, layer: Optional[int], expert: Optional[int], available) -> "Rule":
+        """The rule for the checkpoint at hand (`available`: its tensor names, or None when unknown)."""
+        return self
+
+    def view(self, source: TensorSource, expert: Optional[int]) -> TensorSource:
+        """What `load` reads from: the checkpoint itself, or (stacked experts) one expert's slices of it."""
+        return source
 
     def load(self, source: TensorSource, hf_names: Sequence[str], layout: ShardLayout) -> torch.Tensor:
         raise NotImplementedError
@@ -91,7 +127,7 @@ class Column(Rule):
         return source.read(hf_names[0], 0, start, stop)
 
     def export(self, shards, layout):
-        return (torch.cat(list(shards), 0),)
+        return (_cat(shards, 0),)
 
 
 class Row(Rule):
@@ -105,7 +141,7 @@ class Row(Rule):
         return source.read(hf_names[0], 1, start, stop)
 
     def export(self, shards, layout):
-        return (torch.cat(list(shards), 1),)
+        return (_cat(shards, 1),)
 
 
 class VocabColumn(Rule):
@@ -126,7 +162,7 @@ class VocabColumn(Rule):
         return torch.cat([rows, rows.new_zeros((stop - real_stop, *rows.shape[1:]))], 0)
 
     def export(self, shards, layout):
-        return (torch.cat(list(shards), 0)[: layout.vocab_size],)
+        return (_cat(shards, 0)[: layout.vocab_size],)
 
 
 class FusedQKV(Rule):
@@ -144,24 +180,20 @@ class FusedQKV(Rule):
         d = layout.head_dim
         q_per_group = layout.num_attention_heads // layout.num_query_groups
         first, stop = _range(layout.num_query_groups, layout)
-        groups = stop - first
-        q = source.read(q_name, 0, first * q_per_group * d, stop * q_per_group * d)
-        kv_first = first // layout.kv_replication
-        kv_stop = (stop - 1) // layout.kv_replication + 1
-        k = source.read(k_name, 0, kv_first * d, kv_stop * d)
-        v = source.read(v_name, 0, kv_first * d, kv_stop * d)
-        rest = q.shape[1:]
-        # HF KV head of each local group, relative to the rows just read.
-        pick = torch.tensor([g // layout.kv_replication - kv_first for g in range(first, stop)])
-        k = k.reshape(kv_stop - kv_first, d, *rest)[pick]
-        v = v.reshape(kv_stop - kv_first, d, *rest)[pick]
-        q = q.reshape(groups, q_per_group * d, *rest)
-        return torch.cat([q, k, v], 1).reshape(-1, *rest)
+        pieces = []  # per local group: its q heads, then its HF KV head (replicated groups repeat it)
+        for group in range(first, stop):
+            kv = group // layout.kv_replication
+            pieces += [
+                (q_name, group * q_per_group * d, (group + 1) * q_per_group * d),
+                (k_name, kv * d, (kv + 1) * d),
+                (v_name, kv * d, (kv + 1) * d),
+            ]
+        return read_rows(source, pieces)
 
     def export(self, shards, layout):
         d = layout.head_dim
         q_per_group = layout.num_attention_heads // layout.num_query_groups
-        full = torch.cat(list(shards), 0)
+        full = _cat(shards, 0)
         rest = full.shape[1:]
         grouped = full.reshape(layout.num_query_groups, (q_per_group + 2) * d, *rest)
         q, k, v = grouped.split([q_per_group * d, d, d], 1)
@@ -169,6 +201,61 @@ class FusedQKV(Rule):
         k = k[:: layout.kv_replication]
         v = v[:: layout.kv_replication]
         return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))
+
+
+class GateUpRows(Rule):
+    """mcore `linear_fc1` ↔ one HF tensor holding the gate rows then the up rows (`gate_up_proj`)."""
+
+    def __init__(self, mcore: str, gate_up: str):
+        super().__init__(mcore, (gate_up,), 0)
+
+    def load(self, source, hf_names, layout):
+        half = source.shape(hf_names[0])[0] // 2
+        start, stop = _range(half, layout)
+        return read_rows(source, [(hf_names[0], start, stop), (hf_names[0], half + start, half + stop)])
+
+    def export(self, shards, layout):
+        if len(shards) == 1:
+            return (shards[0],)
+        halves = [shard.chunk(2, 0) for shard in shards]
+        return (torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0),)
+
+
+class InterleavedGateUp(Rule):
+    """mcore `linear_fc1` (weight or bias) ↔ one HF tensor whose gate and up alternate along the
+    output features (gate at even, up at odd positions), stored [in, out] when `transposed` (GPT-OSS)."""
+
+    def __init__(self, mcore: str, gate_up: str, transposed: bool = False):
+        super().__init__(mcore, (gate_up,), 0)
+        object.__setattr__(self, "transposed", transposed)
+
+    def load(self, source, hf_names, layout):
+        tensor = source.read(hf_names[0])
+        tensor = tensor.transpose(0, 1) if self.transposed else tensor
+        start, stop = _range(tensor.shape[0] // 2, layout)
+        gate, up = tensor[0::2], tensor[1::2]
+        return torch.cat([gate[start:stop], up[start:stop]], 0).contiguous()
+
+    def export(self, shards, layout):
+        halves = [shard.chunk(2, 0) for shard in shards]
+        gate = torch.cat([h[0] for h in halves], 0)
+        up = torch.cat([h[1] for h in halves], 0)
+        full = torch.stack([gate, up], 1).reshape(-1, *gate.shape[1:])  # gate0, up0, gate1, up1, ...
+        return ((full.transpose(0, 1) if self.transposed else full).contiguous(),)
+
+
+class TransposedRow(Rule):
+    """mcore row-parallel weight [out, in / tp] ↔ an HF tensor stored [in, out] (GPT-OSS down_proj)."""
+
+    def __init__(self, mcore: str, hf: str):
+        super().__init__(mcore, (hf,), 1)
+
+    def load(self, source, hf_names, layout):
+        start, stop = _range(source.shape(hf_names[0])[0], layout)
+        return source.read(hf_names[0], 0, start, stop).transpose(0, 1).contiguous()
+
+    def export(self, shards, layout):
+        return (torch.cat(list(shards), 1).transpose(0, 1).contiguous(),)
 
 
 class FusedGateUp(Rule):
@@ -180,10 +267,96 @@ class FusedGateUp(Rule):
     def load(self, source, hf_names, layout):
         gate_name, up_name = hf_names
         start, stop = _range(source.shape(gate_name)[0], layout)
-        return torch.cat([source.read(gate_name, 0, start, stop), source.read(up_name, 0, start, stop)], 0)
+        return read_rows(source, [(gate_name, start, stop), (up_name, start, stop)])
 
     def export(self, shards, layout):
+        if len(shards) == 1:
+            return tuple(shards[0].chunk(2, 0))
         halves = [shard.chunk(2, 0) for shard in shards]
         gate = torch.cat([h[0] for h in halves], 0)
         up = torch.cat([h[1] for h in halves], 0)
         return gate, up
+
+
+class Expert(Rule):
+    """One routed expert's copy of `inner`: `{e}` in HF names is the global expert index.
+
+    Experts are sharded by the expert-tensor-parallel group (etp), not by TP: `inner` lays the
+    tensor out exactly as for a dense weight, seeing the etp rank and size as its TP position.
+    Expert parallelism only decides which experts a rank holds (the binding knows), so one
+    rule covers every expert on every rank, under both SequentialMLP and grouped-GEMM naming.
+    """
+
+    expert: ClassVar[bool] = True
+
+    def __init__(self, inner: Rule):
+        super().__init__(inner.mcore, inner.hf, inner.tp_dim, inner.exported)
+        object.__setattr__(self, "inner", inner)
+
+    def shard_count(self, layout):
+        return self.inner.shard_count(layout.for_experts())
+
+    def load(self, source, hf_names, layout):
+        return self.inner.load(source, hf_names, layout.for_experts())
+
+    def export(self, shards, layout):
+        return self.inner.export(shards, layout.for_experts())
+
+
+class ExpertStack(Expert):
+    """Routed experts stored stacked, as transformers keeps them in memory (`experts.gate_up_proj`
+    [num_experts, 2·I, H], `experts.down_proj` [num_experts, H, I]): slice [e] is expert e laid out
+    by `inner`. Each rank reads its own experts' slices; export hands back one expert's slice and
+    the exporter stacks them in expert order.
+    """
+
+    stacked: ClassVar[bool] = True
+
+    def names(self, layer, expert=None):
+        return self.inner.names(layer)
+
+    def view(self, source, expert):
+        return _ExpertSlice(source, expert)
+
+
+class _ExpertSlice:
+    """A TensorSource showing each tensor as its slice [expert] (read once per tensor, then cut)."""
+
+    def __init__(self, source: TensorSource, expert: int):
+        self.source, self.expert = source, expert
+        self._last: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+
+    def shape(self, name):
+        return self.source.shape(name)[1:]
+
+    def dtype(self, name):
+        return self.source.dtype(name)
+
+    def read(self, name, dim=None, start=0, stop=None):
+        if self._last[0] != name:
+            self._last = (name, self.source.read(name, 0, self.expert, self.expert + 1)[0])
+        tensor = self._last[1]
+        if dim is None:
+            return tensor
+        return tensor.narrow(dim, start, (stop if stop is not None else tensor.shape[dim]) - start)
+
+
+class OneOf(Rule):
+    """One parameter that checkpoints store in different layouts (e.g. per-expert or stacked experts).
+
+    The first alternative whose HF tensors the checkpoint has is used, for loading and for export,
+    so a model saves back in the layout it was loaded from. With no checkpoint at hand: the first.
+    """
+
+    def __init__(self, *alternatives: Rule):
+        first = alternatives[0]
+        super().__init__(first.mcore, first.hf, first.tp_dim, first.exported)
+        object.__setattr__(self, "alternatives", alternatives)
+        object.__setattr__(self, "expert", first.expert)
+
+    def resolve(self, layer, expert, available):
+        if available is not None:
+            for rule in self.alternatives:
+                if all(name in available for name in rule.names(layer, expert)[1]):
+                    return rule
+        return self.alternatives[0]

@@ -99,4 +99,70 @@ def enable_cpu_support() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    bridge_missing_transformer_engine()
     _applied = True
+
+
+def bridge_missing_transformer_engine() -> None:
+    """Bridges transformer/multi_latent_attention.py when Transformer Engine is not installed. Idempotent.
+
+    Its `from megatron.core.extensions.transformer_engine import TELinear, ...` succeeds without TE
+    (that module substitutes a MagicMock for `transformer_engine`), so MLA sets HAVE_TE = True and
+    its constructor's `isinstance(self.linear_proj, TELinear)` raises TypeError (TELinear is a mock
+    instance, not a class). Without TE those names mean "no such class".
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
+    for name in ("TELinear", "TEColumnParallelLinear", "set_save_original_input"):
+        setattr(multi_latent_attention, name, None)
+
+
+class _CudaLiteralOnCpu:
+    """`torch` as seen by one mcore module, except that `torch.zeros(..., device="cuda")` lands on the CPU."""
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    def zeros(self, *args, device=None, **kwargs):
+        if device == "cuda":
+            device = "cpu"
+        return self._torch.zeros(*args, device=device, **kwargs)
+
+
+_training_applied = False
+
+
+def enable_cpu_training_support() -> None:
+    """Make megatron-core's training paths (pipeline schedules, recompute) run on a CPU-only torch. Idempotent.
+
+    Called by MCoreTrainer, on top of `enable_cpu_support()`; does nothing when CUDA is available.
+    """
+    global _training_applied
+    if _training_applied or torch.cuda.is_available():
+        return
+    enable_cpu_support()
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # Bridges pipeline_parallel/schedules.py: every forward_backward_* function counts tokens in
+    # `torch.zeros([], dtype=torch.int, device="cuda")`.
+    if not isinstance(schedules.torch, _CudaLiteralOnCpu):
+        schedules.torch = _CudaLiteralOnCpu(torch)
+
+    # Bridges pipeline_parallel/p2p_communication.py, which calls `torch.cuda.synchronize()` after
+    # batched send/recv (`batch_p2p_sync`); on the CPU there is nothing to wait for.
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+
+    # Bridges tensor_parallel/random.py CheckpointFunction (activation recompute), which saves and
+    # restores the CUDA RNG state next to the CPU one and the tracker's states; there is no CUDA RNG.
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    _training_applied = True

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from transformers.utils import logging
 
+from ..errors import LayoutError
+
 logger = logging.get_logger(__name__)
 
 DEFAULT_SEED = 1234
@@ -31,13 +33,13 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: parallel sizes must be positive integers.")
+                raise LayoutError(f"{name}={value!r}: parallel sizes must be positive integers.")
         if self.vpp is not None and (not isinstance(self.vpp, int) or self.vpp < 1):
-            raise ValueError(f"vpp={self.vpp!r}: must be a positive integer or None.")
+            raise LayoutError(f"vpp={self.vpp!r}: must be a positive integer or None.")
         if self.vpp is not None and self.vpp > 1 and self.pp == 1:
-            raise ValueError(f"vpp={self.vpp} needs pipeline parallelism: set pp >= 2 (got pp=1).")
+            raise LayoutError(f"vpp={self.vpp} needs pipeline parallelism: set pp >= 2 (got pp=1).")
         if self.sequence_parallel and self.tp == 1:
-            raise ValueError("sequence_parallel=True needs tp >= 2 (got tp=1).")
+            raise LayoutError("sequence_parallel=True needs tp >= 2 (got tp=1).")
 
     @property
     def virtual_stages(self) -> int:
@@ -53,7 +55,7 @@ class ParallelConfig:
     def check_world(self, world_size: int) -> None:
         """Refuse layouts the world cannot hold, naming the numbers."""
         if world_size % self.model_parallel_size:
-            raise ValueError(
+            raise LayoutError(
                 f"tp·pp·cp = {self.tp}·{self.pp}·{self.cp} = {self.model_parallel_size} does not divide "
                 f"the world size {world_size}. Launch with a multiple of {self.model_parallel_size} "
                 f"processes (torchrun --nproc_per_node=N) or choose smaller sizes."
@@ -61,7 +63,7 @@ class ParallelConfig:
         expert_tp = self.etp or self.tp
         expert_group = self.ep * expert_tp * self.pp
         if world_size % expert_group:
-            raise ValueError(
+            raise LayoutError(
                 f"ep·etp·pp = {self.ep}·{expert_tp}·{self.pp} = {expert_group} does not divide the "
                 f"world size {world_size}."
             )
@@ -124,7 +126,7 @@ def init_parallel_state(layout: ParallelConfig, seed: int = DEFAULT_SEED) -> Non
     if ps.model_parallel_is_initialized():
         current = _current_layout()
         if current != wanted:
-            raise RuntimeError(
+            raise LayoutError(
                 f"Megatron parallel state is already initialised with {current}, but this model asks "
                 f"for {wanted}. Use the same layout for every model in a process, or call "
                 "mcore_transformers.runtime.destroy_parallel_state() first."

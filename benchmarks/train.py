@@ -1,0 +1,99 @@
+"""Training throughput: MCoreTrainer (tp=1, one process) against transformers' Trainer, same model and data.
+
+    python benchmarks/train.py                     # defaults: a 4-layer Llama, 8 x 256 tokens per step
+    python benchmarks/train.py --steps 20 --hidden 512 --json out.json
+
+Both trainers run the same optimizer steps on the same batches (AdamW, fp32, no accumulation); the
+figure is tokens per second over the timed steps (after `--warmup` untimed ones). Prints one line per
+trainer and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self._start = warmup, [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def make_checkpoint(folder: str, args) -> str:
+    config = AutoConfig.for_model(
+        "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32, num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=max(512, args.seq),
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def run(trainer_class, model, args, data, out: str) -> dict:
+    timer = StepTimer(args.warmup)
+    training_args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
+        learning_rate=1e-4, logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True,
+        use_cpu=True, train_sampling_strategy="sequential", seed=0,
+    )
+    trainer_class(model=model, args=training_args, train_dataset=data, callbacks=[timer]).train()
+    times = sorted(timer.times)
+    median = times[len(times) // 2]
+    tokens = args.batch * args.seq
+    return {"tokens_per_s": tokens / median, "best_tokens_per_s": tokens / times[0], "step_s": median,
+            "steps": len(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from mcore_transformers import MCoreModelForCausalLM
+    from mcore_transformers.training import MCoreTrainer
+
+    generator = torch.Generator().manual_seed(0)
+    rows = args.batch * (args.warmup + args.steps)
+    data = [{"input_ids": (ids := torch.randint(0, args.vocab, (args.seq,), generator=generator)), "labels": ids.clone()}
+            for _ in range(rows)]
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = make_checkpoint(os.path.join(scratch, "model"), args)
+        results = {
+            "transformers.Trainer": run(Trainer, AutoModelForCausalLM.from_pretrained(folder), args, data,
+                                        os.path.join(scratch, "hf")),
+            "MCoreTrainer (tp=1)": run(MCoreTrainer, MCoreModelForCausalLM.from_pretrained(folder), args, data,
+                                       os.path.join(scratch, "mcore")),
+        }
+    for name, result in results.items():
+        print(f"{name:<22} {result['tokens_per_s']:>9.0f} tokens/s  (median {result['step_s'] * 1000:.0f} ms/step, "
+              f"best {result['best_tokens_per_s']:.0f} tokens/s; {result['steps']} steps of {args.batch} x {args.seq} tokens)")
+    ratio = results["MCoreTrainer (tp=1)"]["tokens_per_s"] / results["transformers.Trainer"]["tokens_per_s"]
+    print(f"MCoreTrainer / Trainer: {ratio:.2f}x   (torch threads: {torch.get_num_threads()})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "results": results, "ratio": ratio}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""One HF (micro-)batch through megatron-core's pipeline schedule: forward, HF-semantics loss, backward.
+
+The batch is cut into equal row slices (`micro_batch_size` rows each) that the schedule pipelines (1F1B, interleaved
+under vpp; a plain loop without pipeline parallelism). The loss of every micro-batch is
+`sum of token cross-entropies / num_items`, where `num_items` counts the valid (-100-free, shifted)
+labels of the whole optimizer step over all data-parallel replicas: exactly the number transformers'
+Trainer divides by, so the gradients summed over micro-batches, accumulation steps and replicas are the
+gradients of the global mean loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from torch import nn
+
+from ..forward import ForwardInputs, attention_mask_for, rotary_angles, run_chunk
+from .errors import TrainingError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class StepResult:
+    """What one call of the schedule measured, reduced over the whole model (every rank holds it)."""
+
+    loss: torch.Tensor  # fp64 sum of the micro-batch losses (each divided by the divisor) over all replicas
+    loss_sum: torch.Tensor  # fp64 sum of token losses over the micro-batches of all data-parallel replicas
+    tokens: torch.Tensor  # fp64 number of valid tokens they covered
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """HF causal-LM targets: position t predicts labels[t + 1]; the last position predicts nothing."""
+    return nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def count_valid_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The tokens transformers' Trainer counts in `num_items_in_batch` for a causal LM."""
+    return labels[..., 1:].ne(IGNORE_INDEX).sum()
+
+
+def pad_sequence_to(batch: dict, multiple: int) -> dict:
+    """Right-pad every [b, s] tensor to a multiple of `multiple` (sequence parallelism): masked, ignored."""
+    seq = batch["input_ids"].shape[1]
+    extra = -seq % multiple
+    if not extra:
+        return batch
+    padded = dict(batch)
+    padded["input_ids"] = nn.functional.pad(batch["input_ids"], (0, extra))
+    padded["labels"] = nn.functional.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(batch["input_ids"])
+    padded["attention_mask"] = nn.functional.pad(mask, (0, extra))
+    positions = batch.get("position_ids")
+    if positions is not None:
+        tail = positions[:, -1:] + torch.arange(1, extra + 1, device=positions.device)
+        padded["position_ids"] = torch.cat([positions, tail], 1)
+    return padded
+
+
+def split_rows(batch: dict, parts: int) -> list[dict]:
+    rows = batch["input_ids"].shape[0]
+    if rows % parts:
+        raise TrainingError(f"A batch of {rows} rows cannot be cut into {parts} equal pipeline micro-batches.")
+    size = rows // parts
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+
+
+def micro_batch_count(rows: int, wanted: int, pp: int, interleaved: bool) -> int:
+    """`wanted` when it divides `rows`; for a ragged (last) batch, the largest count that does.
+
+    The interleaved schedule needs at least pp micro-batches; 1 is always possible otherwise.
+    """
+    for count in range(min(wanted, rows), 0, -1):
+        if rows % count == 0 and (not interleaved or count >= pp):
+            return count
+    raise TrainingError(
+        f"A batch of {rows} rows cannot feed the interleaved pipeline schedule (vpp), which needs at least "
+        f"pp={pp} micro-batches of equal size. Use a per-device batch size that is a multiple of {pp}, or "
+        "dataloader_drop_last=True so that no short last batch reaches the pipeline."
+    )
+
+
+def vocab_parallel_token_losses(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token cross-entropy [s, b] (fp32) from this rank's vocabulary shard [s, b, V_pad / tp].
+
+    The vocabulary rows added for tensor-parallel padding are excluded from the softmax, so the loss is
+    the one over the `vocab_size` real tokens (as transformers computes it). Ignored targets give 0.
+    """
+    logits = logits.float()
+    shard = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * shard
+    real = max(0, min(shard, vocab_size - start))
+    if real < shard:
+        padding = torch.arange(shard, device=logits.device) >= real
+        logits = logits.masked_fill(padding, float("-inf"))
+    valid = targets.ne(IGNORE_INDEX)
+    losses = vocab_parallel_cross_entropy(logits, targets.clamp(min=0).contiguous())
+    return losses * valid
+
+
+class PipelineStep:
+    """Runs forward (+ backward) of one batch over this rank's model chunks with megatron's schedule.
+
+    `chunks` are the modules the schedule drives (megatron DDP wrappers while training, the bare
+    GPTModel chunks for evaluation); `model` is the MCoreModelForCausalLM they belong to.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.layout = model.layout
+        self.window = model.arch.sliding_window()
+
+    # -- the two functions the schedule calls -----------------------------------------------------
+    def _forward_step(self, data_iterator, chunk_module, *, divisor: torch.Tensor):
+        batch = next(data_iterator)
+        chunk = _unwrap(chunk_module)
+        input_ids = batch["input_ids"]
+        rows, seq = input_ids.shape
+        positions = batch.get("position_ids")
+        if positions is None:
+            positions = torch.arange(seq, device=input_ids.device).expand(rows, seq)
+        inputs = ForwardInputs(
+            input_ids=input_ids,
+            attention_mask=attention_mask_for(batch.get("attention_mask"), rows, seq, self.window, input_ids.device),
+            rotary=rotary_angles(positions, self.model.rotary_inv_freq),
+        )
+        # Past the first stage the schedule has already handed the received activations to the decoder.
+        hidden = None if chunk.pre_process else chunk.decoder.input_tensor
+        if isinstance(hidden, list):
+            hidden = hidden[0]
+        output = run_chunk(chunk, inputs, hidden)
+        return output, functools.partial(self._loss, shifted_targets(batch["labels"]), divisor)
+
+    def _loss(self, targets: torch.Tensor, divisor: torch.Tensor, logits: torch.Tensor):
+        losses = vocab_parallel_token_losses(logits, targets.transpose(0, 1), self.model.config.vocab_size)
+        loss_sum = losses.sum()
+        tokens = targets.ne(IGNORE_INDEX).sum()
+        # With config.calculate_per_token_loss the schedule leaves this loss as it is: `divisor` is
+        # num_items of the whole optimizer step (see the module docstring).
+        loss = loss_sum / divisor
+        record = {"loss": loss.detach().double(), "loss_sum": loss_sum.detach().double(), "tokens": tokens.double()}
+        return loss, tokens.int(), record
+
+    # -- driving the schedule ---------------------------------------------------------------------
+    def run(
+        self,
+        chunks: Sequence[nn.Module],
+        batch: dict,
+        micro_batch_size: int,
+        divisor: Optional[torch.Tensor],
+        forward_only: bool,
+        finalize_grads: bool = False,
+    ) -> StepResult:
+        tp = self.layout.tp
+        if self.layout.sequence_parallel:
+            batch = pad_sequence_to(batch, tp)
+        rows, seq = batch["input_ids"].shape
+        interleaved = self.layout.virtual_stages > 1
+        count = micro_batch_count(rows, -(-rows // micro_batch_size), self.layout.pp, interleaved)
+        micro = split_rows(batch, count)
+        if divisor is None:
+            divisor = torch.ones((), dtype=torch.float32, device=batch["input_ids"].device)
+        config = _unwrap(chunks[0]).config
+        config.finalize_model_grads_func = _finalize_without_token_scaling if finalize_grads else None
+        if self.layout.pp > 1 and dist.get_backend() == "gloo":
+            # Batched p2p posts both directions between two pipeline ranks on one communicator; gloo
+            # pairs same-peer messages by posting order, so at pp=2 the interleaved schedule would
+            # receive a gradient as an activation. Unbatched ops give each direction its own group.
+            config.batch_p2p_comm = False
+        iterators = [iter(micro) for _ in chunks]
+        outputs = get_forward_backward_func()(
+            forward_step_func=functools.partial(self._forward_step, divisor=divisor),
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=list(chunks),
+            num_microbatches=count,
+            seq_length=seq,
+            micro_batch_size=rows // count,
+            forward_only=forward_only,
+        )
+        return self._reduce(outputs, batch["input_ids"].device)
+
+    def _reduce(self, outputs: list, device) -> StepResult:
+        """Sum the last stage's measurements over data-parallel replicas; every rank gets the totals.
+
+        One all-reduce over the world: the first tensor-parallel rank of each replica's last pipeline
+        stage contributes its sums, every other rank zeros.
+        """
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+        if contributes:
+            for record in outputs:
+                totals[0] += record["loss"]
+                totals[1] += record["loss_sum"]
+                totals[2] += record["tokens"]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        return StepResult(loss=totals[0], loss_sum=totals[1], tokens=totals[2])
+
+
+def _finalize_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    """finalize_model_grads with the losses already divided by the step's token count (not by mcore)."""
+    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module

@@ -1,0 +1,472 @@
+"""MCoreTrainer: transformers' Trainer for an MCoreModelForCausalLM laid out over tp / pp / vpp / ep / dp.
+
+transformers' training loop runs unchanged (epochs, accumulation, logging, evaluation, callbacks,
+checkpoint rotation, resumption). What its defaults get wrong for a sharded model is replaced through
+the narrowest hooks:
+
+  model wrapping     megatron-core DistributedDataParallel per chunk (grad buffers, DP reduce over the
+                     data-parallel group only), never torch DDP over the whole world    `_wrap_model`
+  forward/backward   megatron's pipeline schedule over micro-batches (1F1B / interleaved; a plain loop
+                     at pp=1), loss = sum of token losses / tokens of the optimizer step  `training_step`
+  token count        valid labels over the step's batches and data-parallel replicas   `_get_num_items_in_batch`
+  optimizer          transformers' own choice (optim, lr, weight decay, betas, scheduler), stepping on
+                     the reduced grad buffers; fp32 master weights for a bf16 model      `create_optimizer`
+  gradient norm      global over shards: TP shards once each, replicated params once   `_clip_grad_norm`
+  data               sharded by data-parallel rank; every TP/PP rank of a replica sees the same batch
+  evaluation         the same schedule (loss only) or the model's forward (logits), gathered over DP
+  checkpoints        HF folder (full model, loadable by transformers) + per-rank training state
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import _is_peft_model
+from transformers.utils import logging
+
+from ..modeling import MCoreModelForCausalLM
+from ..runtime.cpu import enable_cpu_training_support
+from . import checkpoint as ckpt
+from .data import (
+    check_replica_agrees,
+    data_parallel_loaders,
+    dp_size,
+    gather_over_data_parallel,
+    truncate_to,
+)
+from .errors import TrainingError
+from .grads import (
+    EvalModule,
+    ShardedGrads,
+    TrainingModule,
+    mark_tensor_parallel_weights,
+    swap_optimizer_params,
+    wrap_chunks,
+)
+from .step import IGNORE_INDEX, PipelineStep, count_valid_targets, shifted_targets
+
+logger = logging.get_logger(__name__)
+
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
+EXPORT_SCRATCH = ".mcore-export"
+
+
+def find_mcore_model(model: Any) -> MCoreModelForCausalLM:
+    """The MCoreModelForCausalLM inside `model` (itself, or the base model of a PEFT wrapper)."""
+    inner = model
+    for _ in range(4):
+        if isinstance(inner, MCoreModelForCausalLM):
+            return inner
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        elif hasattr(inner, "base_model") and inner.base_model is not inner:
+            inner = inner.base_model
+        else:
+            break
+    raise TrainingError(
+        f"MCoreTrainer trains an MCoreModelForCausalLM (optionally wrapped by PEFT); got {type(model).__name__}. "
+        "Load the model with MCoreModelForCausalLM.from_pretrained(..., tp=, pp=), or use transformers.Trainer "
+        "for other models."
+    )
+
+
+def _model_parallel_size() -> int:
+    return ps.get_model_parallel_group().size() if dist.is_initialized() else 1
+
+
+def enable_recompute(model: MCoreModelForCausalLM, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                     offload: bool = False) -> None:
+    """transformers' activation checkpointing → megatron's full-layer recompute.
+
+    every_n_layers=1 recomputes every layer ("uniform", one layer per checkpoint); n > 1 recomputes
+    the first 1/n of each chunk's layers ("block"), the same share of layers. `offload` is not supported.
+    """
+    if offload:
+        raise TrainingError("activation_checkpointing offload=True is not supported by MCoreTrainer.")
+    config = model.chunks[0].config
+    layers = len(model.chunks[0].decoder.layers)
+    config.recompute_granularity = "full"
+    if every_n_layers <= 1:
+        config.recompute_method, config.recompute_num_layers = "uniform", 1
+    else:
+        config.recompute_method = "block"
+        config.recompute_num_layers = max(1, -(-layers // every_n_layers))
+
+
+def disable_recompute(model: MCoreModelForCausalLM) -> None:
+    model.chunks[0].config.recompute_granularity = None
+
+
+class MCoreTrainer(Trainer):
+    """`transformers.Trainer` for `MCoreModelForCausalLM` under any tp / pp / vpp / ep and data parallelism.
+
+    Use it as `Trainer` (same arguments, same logs): `per_device_train_batch_size` is per data-parallel
+    replica, so the global batch is that × dp × gradient_accumulation_steps, dp = world / (tp·pp).
+
+    micro_batch_size: rows per pipeline micro-batch. Each per-device batch is cut into
+        per_device_batch / micro_batch_size micro-batches that megatron's schedule pipelines. Default:
+        1 under pipeline parallelism, the whole per-device batch otherwise.
+    """
+
+    def __init__(self, model=None, args=None, *trainer_args, micro_batch_size: Optional[int] = None, **kwargs):
+        if model is None:
+            raise TrainingError(
+                "MCoreTrainer needs `model` (an MCoreModelForCausalLM); `model_init` is not supported because "
+                "the model's layout is decided when it is loaded."
+            )
+        mcore = find_mcore_model(model)
+        if not torch.cuda.is_available():
+            enable_cpu_training_support()
+        self._mcore = mcore
+        self._training_module: Optional[TrainingModule] = None
+        self._grads: Optional[ShardedGrads] = None
+        super().__init__(model, args, *trainer_args, **kwargs)
+        self._check_arguments()
+        pp = mcore.layout.pp
+        if micro_batch_size is None:
+            micro_batch_size = 1 if pp > 1 else self.args.per_device_train_batch_size
+        if micro_batch_size < 1 or self.args.per_device_train_batch_size % micro_batch_size:
+            raise TrainingError(
+                f"micro_batch_size={micro_batch_size} must divide per_device_train_batch_size="
+                f"{self.args.per_device_train_batch_size}: each per-device batch is cut into equal pipeline "
+                "micro-batches."
+            )
+        micro_batches = self.args.per_device_train_batch_size // micro_batch_size
+        if mcore.layout.virtual_stages > 1 and micro_batches < pp:
+            raise TrainingError(
+                f"The interleaved pipeline schedule (vpp={mcore.layout.virtual_stages}) needs at least pp={pp} "
+                f"micro-batches per step, but per_device_train_batch_size={self.args.per_device_train_batch_size} / "
+                f"micro_batch_size={micro_batch_size} = {micro_batches}. Use a larger batch or a smaller "
+                "micro_batch_size."
+            )
+        self.micro_batch_size = micro_batch_size
+        self._step = PipelineStep(mcore)
+        if type(mcore).activation_checkpointing_enable is PreTrainedModel.activation_checkpointing_enable:
+            # Trainer.train() calls this for activation_checkpointing=True. transformers' version wraps HF
+            # decoder layers; megatron recomputes its own (proposed as a method of the model class).
+            mcore.activation_checkpointing_enable = functools.partial(enable_recompute, mcore)
+
+    # ---- arguments the backend cannot honour -----------------------------------------------------
+    def _check_arguments(self) -> None:
+        args = self.args
+        refused = {
+            "deepspeed": args.deepspeed,
+            "fsdp": bool(args.fsdp),
+            "torch_compile": args.torch_compile,
+            "auto_find_batch_size": args.auto_find_batch_size,
+            "neftune_noise_alpha": args.neftune_noise_alpha is not None,
+            "use_liger_kernel": args.use_liger_kernel,
+            "label_smoothing_factor": args.label_smoothing_factor != 0,
+            "compute_loss_func": self.compute_loss_func is not None,
+            "parallelism_config": getattr(args, "parallelism_config", None) is not None,
+            "fp16": args.fp16,
+        }
+        for name, value in refused.items():
+            if value:
+                reason = {
+                    "deepspeed": "megatron-core shards the model itself (tp/pp/dp); DeepSpeed would shard it again",
+                    "fsdp": "megatron-core shards the model itself (tp/pp/dp); FSDP would shard it again",
+                    "parallelism_config": "parallel sizes come from MCoreModelForCausalLM.from_pretrained(tp=, pp=)",
+                    "fp16": "fp16 needs loss scaling, which is not implemented yet; use bf16",
+                }.get(name, "the loss is computed by megatron's vocab-parallel cross-entropy inside the pipeline")
+                raise TrainingError(f"MCoreTrainer does not support `{name}`: {reason}.")
+        if args.optim in ("lomo", "adalomo"):
+            raise TrainingError(f"optim={args.optim!r} fuses the optimizer into backward; MCoreTrainer steps after "
+                                "megatron reduces the gradients. Choose another optimizer (e.g. adamw_torch).")
+        ignored = [
+            name for name in ("ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph")
+            if getattr(args, name, None) is not None
+        ]
+        if ignored:
+            logger.warning(
+                f"MCoreTrainer ignores {', '.join(ignored)}: they configure torch DDP, and gradients are reduced by "
+                "megatron-core's DistributedDataParallel over the data-parallel group instead."
+            )
+
+    # ---- model wrapping ------------------------------------------------------------------------
+    def _training_state(self) -> TrainingModule:
+        """Build (once) megatron DDP around the chunks, the gradient bookkeeping and fp32 masters."""
+        if self._training_module is not None:
+            return self._training_module
+        mcore = self._mcore
+        config = mcore.chunks[0].config
+        # The step's loss is already divided by its token count (step.py): mcore must neither divide by
+        # the micro-batch count nor average over data-parallel replicas (it sums).
+        config.calculate_per_token_loss = True
+        if self.args.bf16 and mcore.dtype == torch.float32:
+            logger.warning(
+                "bf16=True: MCoreTrainer casts the model to bfloat16 and keeps fp32 master weights in the optimizer "
+                "(megatron-core mixed precision); the model stays in bfloat16 after training. Load it with "
+                "dtype=torch.bfloat16 to skip this cast."
+            )
+            for chunk in mcore.chunks:
+                chunk.to(torch.bfloat16)
+            config.params_dtype = config.pipeline_dtype = torch.bfloat16
+            config.bf16 = True
+        mixed = mcore.dtype != torch.float32
+        mark_tensor_parallel_weights(mcore.chunks)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError("The model has no trainable parameters (every requires_grad is False).")
+        ddp_chunks = wrap_chunks(mcore.chunks, fp32_grads=mixed)
+        has_experts = getattr(config, "num_moe_experts", None) is not None
+        self._grads = ShardedGrads(params, ddp_chunks, masters=mixed, has_experts=has_experts)
+        if mixed and self.optimizer is not None:  # an optimizer passed in by the user
+            swap_optimizer_params(self.optimizer, self._grads)
+        self._training_module = TrainingModule(self.model, ddp_chunks, self._grads)
+        return self._training_module
+
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
+        if training:
+            return self._training_state()
+        if self._training_module is not None:
+            return self._training_module
+        return EvalModule(self.model)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        state = self._training_state()
+        if self.optimizer is None:
+            super().create_optimizer(self.model)
+            if state.grads.masters:
+                swap_optimizer_params(self.optimizer, state.grads)
+        return self.optimizer
+
+    # ---- data ----------------------------------------------------------------------------------
+    def get_train_dataloader(self):
+        with data_parallel_loaders(self.accelerator):
+            loader = super().get_train_dataloader()
+        self._warn_uneven(self.train_dataset, self._train_batch_size, self.args.dataloader_drop_last)
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with data_parallel_loaders(self.accelerator):
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with data_parallel_loaders(self.accelerator):
+            return super().get_test_dataloader(test_dataset)
+
+    def _warn_uneven(self, dataset, batch_size: int, drop_last: bool) -> None:
+        dp = dp_size()
+        try:
+            length = len(dataset)
+        except TypeError:
+            return
+        if dp > 1 and not drop_last and length % (batch_size * dp):
+            logger.warning_once(
+                f"The dataset has {length} samples, not a multiple of per_device_train_batch_size × dp = "
+                f"{batch_size} × {dp}: the last global batch is completed with samples from the start of the "
+                "dataset (accelerate's even_batches), so those few samples count twice. Set "
+                "dataloader_drop_last=True to drop the short batch instead."
+            )
+
+    def get_total_train_batch_size(self, args) -> int:
+        return self._train_batch_size * args.gradient_accumulation_steps * dp_size()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Valid (shifted) labels of the optimizer step, summed over data-parallel replicas."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        count = sum(count_valid_targets(batch["labels"]) for batch in batch_samples).to(device=device, dtype=torch.int64)
+        if self.args.average_tokens_across_devices and dp_size() > 1:
+            dist.all_reduce(count, group=ps.get_data_parallel_group())
+        return count
+
+    def _model_batch(self, inputs: dict) -> dict:
+        if "labels" not in inputs or "input_ids" not in inputs:
+            raise TrainingError(
+                f"MCoreTrainer needs `input_ids` and `labels` in every batch (got {sorted(inputs)}); for causal "
+                "language modelling use e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)."
+            )
+        unknown = sorted(set(inputs) - set(MODEL_INPUTS))
+        if unknown:
+            logger.warning_once(f"MCoreTrainer ignores batch keys {unknown} (the model takes {list(MODEL_INPUTS)}).")
+        batch = {k: inputs[k] for k in MODEL_INPUTS if inputs.get(k) is not None}
+        if not check_replica_agrees(batch):
+            raise TrainingError(
+                "The ranks of one model replica (its tensor- and pipeline-parallel ranks) received different batches. "
+                "They must see identical data: use a map-style dataset (or an iterable one that yields the same "
+                "sequence on every process) and do not shard it by global rank yourself."
+            )
+        return batch
+
+    # ---- one step ------------------------------------------------------------------------------
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        module = self._training_state()
+        module.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        batch = self._model_batch(self._prepare_inputs(inputs))
+        if num_items_in_batch is None:
+            num_items_in_batch = self._get_num_items_in_batch([batch], self.args.device)
+        divisor = num_items_in_batch.to(batch["input_ids"].device).float().clamp(min=1)
+        if not self.args.average_tokens_across_devices:
+            divisor = divisor * dp_size()  # per-replica mean, averaged over replicas (transformers' DDP rule)
+        last_of_step = self.accelerator.gradient_state.sync_gradients
+        result = self._step.run(
+            list(module.ddp_chunks), batch, self.micro_batch_size, divisor, forward_only=False,
+            finalize_grads=last_of_step,
+        )
+        if last_of_step:
+            self._grads.reduce_extras()
+            self._grads.publish()
+        return result.loss.to(self.args.device, torch.float32)
+
+    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        return self._grads.clip(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        return self._grads.norm() if grad_norm is None else grad_norm
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        # transformers sums over every process; the ranks of one replica saw the same tokens.
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // _model_parallel_size()
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        # transformers sums this over every process: each rank of a replica reports its share.
+        return super().floating_point_ops(inputs) / _model_parallel_size()
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluation_loop(self, *args, **kwargs):
+        self.gather_function = self._gather_for_metrics
+        return super().evaluation_loop(*args, **kwargs)
+
+    def _gather_for_metrics(self, data, use_gather_object: bool = False):
+        """accelerate's gather_for_metrics, over the data-parallel group instead of the world."""
+        if dp_size() == 1:
+            return data
+        gathered = gather_over_data_parallel(data)
+        state = self.accelerator.gradient_state
+        if state.end_of_dataloader and state.remainder > 0:
+            gathered = truncate_to(gathered, state.remainder)
+        return gathered
+
+    def prediction_step(self, model, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        """Loss = sum of token losses / tokens over the global (all data-parallel replicas) batch.
+
+        Loss only: megatron's schedule, forward only. Logits wanted: the model's own forward (full
+        vocabulary on every rank), loss from those logits.
+        """
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        if prediction_loss_only and labels is not None:
+            batch = self._model_batch(inputs)
+            with torch.no_grad():
+                result = self._step.run(self._mcore.chunks, batch, self.micro_batch_size, None, forward_only=True)
+            return (result.loss_sum / result.tokens.clamp(min=1)).float().to(self.args.device), None, None
+        with torch.no_grad():
+            outputs = self._mcore(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"),
+            )
+        logits, loss = outputs.logits, None
+        if labels is not None:
+            targets = shifted_targets(labels)
+            token_losses = nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            totals = torch.stack([token_losses.double(), targets.ne(IGNORE_INDEX).sum().double()])
+            if dp_size() > 1:
+                dist.all_reduce(totals, group=ps.get_data_parallel_group())
+            loss = (totals[0] / totals[1].clamp(min=1)).float()
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits, labels
+
+    # ---- saving --------------------------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        """Collective: the full model as an HF folder (adapters only for a PEFT model) in `output_dir`.
+
+        Files already in `output_dir` (checkpoints, logs) stay; a previous model's weights are replaced.
+        """
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is not None:
+            logger.warning_once("MCoreTrainer saves the model's own weights; the state_dict argument is ignored.")
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+        _barrier()
+        if _is_peft_model(self.model):
+            from ..peft import save_adapter  # an HF PEFT folder at any tp / pp
+
+            write_into_folder(output_dir, lambda scratch: save_adapter(self.model, scratch))
+        else:
+            write_into_folder(output_dir, self._mcore.save_pretrained)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        _barrier()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        ckpt.save_training_state(output_dir, self._mcore, self.model, self.optimizer, self._grads)
+        if self.args.should_save and self.lr_scheduler is not None:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        ckpt.load_model_state(resume_from_checkpoint, self._mcore, self.model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        if checkpoint is None:
+            return
+        ckpt.load_optimizer_state(checkpoint, self._mcore, self.optimizer, self._grads)
+        scheduler_file = os.path.join(checkpoint, SCHEDULER_NAME)
+        if os.path.isfile(scheduler_file) and self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
+
+    def _load_rng_state(self, checkpoint: Optional[str]) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None:
+            ckpt.load_rng_state(checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")
+        ckpt.load_model_state(best, self._mcore, self.model)
+        if self._grads is not None and self._grads.masters:
+            with torch.no_grad():
+                for param, target in zip(self._grads.params, self._grads.targets):
+                    target.copy_(param)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def write_into_folder(output_dir: str, writer) -> None:
+    """Collective: run `writer(folder)` (save_pretrained, save_adapter) into `output_dir` without
+    disturbing other files there (checkpoints, logs).
+
+    Those writers replace their target whole, so they write into a scratch folder inside `output_dir`;
+    rank 0 then moves the files up, first removing weights left by an earlier save (shard sets differ).
+    """
+    scratch = os.path.join(output_dir, EXPORT_SCRATCH)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and os.path.exists(scratch):
+        shutil.rmtree(scratch)
+    _barrier()
+    writer(scratch)
+    if rank0:
+        written = os.listdir(scratch)
+        if any(name.endswith(".safetensors") for name in written):
+            for name in os.listdir(output_dir):
+                if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")):
+                    os.remove(os.path.join(output_dir, name))
+        for name in written:
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(scratch, name), target)
+        shutil.rmtree(scratch)
+    _barrier()

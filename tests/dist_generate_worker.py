@@ -1,0 +1,259 @@
+"""generate() cases under one or more layouts in one process launch; results per rank as JSON.
+
+    python tests/dist_generate_worker.py OUT CHECKPOINT_ROOT tp1
+    torchrun --nproc_per_node=2 tests/dist_generate_worker.py OUT CHECKPOINT_ROOT tp2,pp2,pp2vpp2,tp2sp
+
+Layouts run one after another (the parallel state is torn down in between). Each case's token ids,
+or the error it raised, go to OUT/<layout>/rank<r>.json; tests/test_generate.py compares them with
+transformers' generate on the same checkpoint. The case table below is shared with the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+
+# layout name -> from_pretrained kwargs (+ world size).
+LAYOUTS = {
+    "tp1": dict(world=1, tp=1, pp=1),
+    "tp2": dict(world=2, tp=2, pp=1),
+    "pp2": dict(world=2, tp=1, pp=2),
+    "pp2vpp2": dict(world=2, tp=1, pp=2, vpp=2),
+    "tp2sp": dict(world=2, tp=2, pp=1, sequence_parallel=True),
+}
+MAIN_LAYOUTS = ("tp1", "tp2", "pp2")  # every case runs here; the others run the CORE and FAST cases
+
+CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tiny.make_tiny_checkpoint
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),  # sliding window 7: decoding runs past it
+    "qwen2": ("qwen2", {}),  # qkv bias
+    "qwen3": ("qwen3", {}),  # qk norm, head_dim 24
+}
+
+PAD = 0
+SAMPLING_SEED = 1234  # rank 0's seed; other ranks are seeded differently on purpose
+SAMPLING = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3)
+
+# name -> (checkpoint, prompts, generate kwargs, sampled?). Prompts: "single" (1 × 7 tokens) or
+# "padded" (3 prompts of 9, 6 and 4 tokens, left-padded with PAD).
+CASES: dict[str, tuple] = {
+    "greedy-single": ("llama", "single", dict(max_new_tokens=24), False),
+    "greedy-padded-llama": ("llama", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-mistral": ("mistral", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-qwen2": ("qwen2", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-qwen3": ("qwen3", "padded", dict(max_new_tokens=24), False),
+    "beam": ("llama", "padded", dict(max_new_tokens=12, num_beams=3, num_return_sequences=2), False),
+    "beam-sample": ("llama", "padded", dict(max_new_tokens=10, num_beams=2, **SAMPLING), True),
+    "sample": ("llama", "padded", dict(max_new_tokens=16, num_return_sequences=2, **SAMPLING), True),
+    "no-cache": ("llama", "padded", dict(max_new_tokens=12, use_cache=False), False),
+    "stopping-criteria": ("llama", "padded", dict(max_new_tokens=30), False),  # + StopAtLength(prompt + 7)
+    "eos": ("llama", "padded", dict(max_new_tokens=24), False),  # eos = a token greedy-padded-llama emits
+    "after-errors": ("llama", "padded", dict(max_new_tokens=24), False),  # the ranks are still in step
+    # "@fast": the model built with the generation attention classes (see `fast_attention_spec`).
+    "fast-greedy-padded-llama": ("llama@fast", "padded", dict(max_new_tokens=24), False),
+    "fast-greedy-padded-mistral": ("mistral@fast", "padded", dict(max_new_tokens=24), False),
+    "fast-beam": ("llama@fast", "padded", dict(max_new_tokens=12, num_beams=3, num_return_sequences=2), False),
+    "fast-sample": ("llama@fast", "padded", dict(max_new_tokens=16, num_return_sequences=2, **SAMPLING), True),
+}
+CORE_CASES = ("greedy-padded-llama", "beam", "sample")
+FAST_CASES = tuple(case for case in CASES if case.startswith("fast-"))
+ERROR_CASES = ("prompt-too-long", "cache-too-big", "foreign-cache", "cache-wrong-rows")
+
+
+def cases_for(layout: str) -> list[str]:
+    """The cases run in the main loop ("after-errors" runs after the bad-input cases)."""
+    if layout in MAIN_LAYOUTS:
+        return [c for c in CASES if c != "after-errors"]
+    return list(CORE_CASES + FAST_CASES)
+
+
+def checkpoint_folder(root: str, checkpoint: str) -> str:
+    return os.path.join(root, checkpoint.split("@")[0])
+
+
+@contextlib.contextmanager
+def fast_attention_spec():
+    """Build models with RotaryCachedSelfAttention + SdpaDotProductAttention (mcore_transformers.generation).
+
+    This is the layer-spec change proposed for building.py (keys cached after rotary; torch sdpa at
+    inference). Until building.py makes it, the "@fast" cases build their model under this patch;
+    afterwards the patch changes nothing.
+    """
+    from mcore_transformers import building
+    from mcore_transformers.generation import RotaryCachedSelfAttention, SdpaDotProductAttention
+
+    def use_generation_classes(attention) -> None:
+        attention.module = RotaryCachedSelfAttention
+        attention.submodules.core_attention = SdpaDotProductAttention
+
+    originals = {name: getattr(building, name) for name in ("_layer_spec", "_customise_attention")}
+
+    def layer_spec(*args, **kwargs):
+        spec = originals["_layer_spec"](*args, **kwargs)
+        use_generation_classes(spec.submodules.self_attention)
+        return spec
+
+    def customise_attention(attention, config, *args, **kwargs):
+        originals["_customise_attention"](attention, config, *args, **kwargs)
+        if not config.multi_latent_attention:
+            use_generation_classes(attention)
+
+    building._layer_spec, building._customise_attention = layer_spec, customise_attention
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(building, name, original)
+
+
+def build_checkpoints(root: str) -> None:
+    from mcore_transformers.tiny import make_tiny_checkpoint
+
+    for name, (model_type, overrides) in CHECKPOINTS.items():
+        folder = os.path.join(root, name)
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            make_tiny_checkpoint(folder, model_type, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+def _error(err: BaseException) -> dict:
+    return {"type": type(err).__name__, "mro": [c.__name__ for c in type(err).__mro__], "message": str(err)}
+
+
+def _manual_cache_loop(model, ids, mask) -> dict:
+    """forward(use_cache=True), then 6 one-token steps (the cache grows) vs one forward over everything."""
+    import torch
+
+    with torch.no_grad():
+        start = (mask.cumsum(-1) - 1).clamp(min=0)  # HF's positions for left-padded rows
+        out = model(input_ids=ids, attention_mask=mask, position_ids=start, use_cache=True)
+        cache, seq, full_mask = out.past_key_values, ids, mask
+        for _ in range(6):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, token], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(token)], 1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+            out = model(input_ids=token, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        full = model(input_ids=seq, attention_mask=full_mask, position_ids=positions)
+        last_kept = model(input_ids=seq, attention_mask=full_mask, position_ids=positions, logits_to_keep=1)
+    return {
+        "cached_tokens": cache.get_seq_length(),
+        "max_diff": (out.logits[:, -1] - full.logits[:, -1]).abs().max().item(),
+        "keep_diff": (last_kept.logits[:, -1] - full.logits[:, -1]).abs().max().item(),
+        "keep_shape": list(last_kept.logits.shape),
+    }
+
+
+def _run_layout(layout: str, root: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from transformers import DynamicCache
+    from transformers.generation.streamers import BaseStreamer
+
+    from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state
+
+    sizes = {k: v for k, v in LAYOUTS[layout].items() if k != "world"}
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    results: dict[str, dict] = {}
+    models: dict[str, MCoreModelForCausalLM] = {}
+
+    def model_for(checkpoint: str) -> MCoreModelForCausalLM:
+        if checkpoint not in models:
+            spec = fast_attention_spec() if checkpoint.endswith("@fast") else contextlib.nullcontext()
+            with spec:
+                models[checkpoint] = MCoreModelForCausalLM.from_pretrained(checkpoint_folder(root, checkpoint), **sizes)
+            if checkpoint.endswith("@fast"):
+                from mcore_transformers.generation import RotaryCachedSelfAttention, SdpaDotProductAttention
+
+                attention = models[checkpoint].chunks[0].decoder.layers[0].self_attention
+                assert isinstance(attention, RotaryCachedSelfAttention), type(attention)
+                assert isinstance(attention.core_attention, SdpaDotProductAttention), type(attention.core_attention)
+        return models[checkpoint]
+
+    def record(name: str, fn) -> None:
+        try:
+            results[name] = fn()
+        except Exception as err:  # noqa: BLE001 - the test reports it
+            results[name] = {"error": _error(err), "traceback": traceback.format_exc()}
+
+    class RecordingStreamer(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = 0, False
+
+        def put(self, value):
+            self.puts += 1
+
+        def end(self):
+            self.ended = True
+
+    for name in cases_for(layout):
+        checkpoint, kind, _, sampled = CASES[name]
+
+        def run(name=name, checkpoint=checkpoint, kind=kind, sampled=sampled):
+            model = model_for(checkpoint)
+            ids, mask = make_prompts(kind)
+            eos = None
+            if name == "eos":  # a token the greedy run emits at step 5 of row 0: rows stop at different times
+                eos = results["greedy-padded-llama"]["ids"][0][ids.shape[1] + 5]
+            kwargs = generate_kwargs(name, eos)
+            streamer = RecordingStreamer() if name == "greedy-padded-llama" else None
+            if sampled:  # deliberately different seeds: generate() must sample with rank 0's state
+                torch.manual_seed(SAMPLING_SEED if rank == 0 else SAMPLING_SEED + 1000 + rank)
+            out = model.generate(ids, attention_mask=mask, streamer=streamer, **kwargs)
+            entry = {"ids": out.tolist(), "eos": eos}
+            if streamer is not None:
+                entry["streamed"] = {"puts": streamer.puts, "ended": streamer.ended}
+            return entry
+
+        record(name, run)
+
+    ids, mask = make_prompts("padded")
+    for checkpoint, name in (("llama", "manual-cache-loop"), ("llama@fast", "fast-manual-cache-loop")):
+        record(name, lambda checkpoint=checkpoint: _manual_cache_loop(model_for(checkpoint), ids, mask))
+
+    if layout in MAIN_LAYOUTS:
+
+        def bad(name: str):
+            def attempt():
+                model = model_for("llama")
+                if name == "prompt-too-long":
+                    long_ids = torch.randint(3, 250, (1, 300), generator=torch.Generator().manual_seed(1))
+                    model.generate(long_ids, max_new_tokens=2, pad_token_id=PAD)
+                elif name == "cache-too-big":
+                    model.generate(ids, attention_mask=mask, max_new_tokens=10**9, num_beams=4, pad_token_id=PAD)
+                elif name == "foreign-cache":
+                    model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=DynamicCache(), pad_token_id=PAD)
+                elif name == "cache-wrong-rows":
+                    cache = model.new_kv_cache(batch_size=2, max_length=32)
+                    model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=cache, pad_token_id=PAD)
+                return {"error": None}
+
+            return attempt
+
+        for name in ERROR_CASES:
+            record(name, bad(name))
+        after = generate_kwargs("after-errors")
+        record("after-errors", lambda: {"ids": model_for("llama").generate(ids, attention_mask=mask, **after).tolist()})
+
+    os.makedirs(os.path.join(out, layout), exist_ok=True)
+    with open(os.path.join(out, layout, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    models.clear()
+    if dist.is_initialized():
+        dist.barrier()
+    destroy_parallel_state()
+
+
+def main() -> None:
+    out, root, layouts = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+    for layout in layouts:
+        _run_layout(layout, root, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Bad inputs are refused with an mcore_transformers.errors exception that names the cause and the fix,
+before anything is written.
+
+End to end: each case in dist_cases.ERROR_RUNS went through `from_pretrained` / `save_pretrained` in a
+worker launch (a world of one, or torchrun with 2 ranks where the layout needs them). Units: the
+checks themselves (layout arithmetic, reader, save target, hub resolution), called directly in-process
+(none of them touches torch.distributed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dist_cases import ERROR_RUNS, NOTES_TEXT
+
+from mcore_transformers import errors
+from mcore_transformers.architectures import get_architecture
+from mcore_transformers.building import check_model_fits, query_groups_for
+from mcore_transformers.conversion.reader import CheckpointReader
+from mcore_transformers.conversion.writer import check_save_target
+from mcore_transformers.hub import resolve_checkpoint
+from mcore_transformers.runtime.parallel import ParallelConfig
+from mcore_transformers.tiny import tiny_config
+
+
+def by_id(runs):
+    return pytest.mark.parametrize("case", runs, ids=[case.id for case in runs])
+
+
+def assert_names(message: str, words) -> None:
+    missing = [word for word in words if word.lower() not in message.lower()]
+    assert not missing, f"the message does not mention {missing}: {message!r}"
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+@by_id(ERROR_RUNS)
+def test_bad_input_is_refused_with_a_clear_error(case, launches):
+    launch = launches(case.layout)
+    expected = getattr(errors, case.expected)
+    for rank in range(case.ranks):
+        raised = launch.error_record(case, rank)["raised"]
+        assert raised is not None, f"rank {rank}: nothing was raised"
+        assert expected.__name__ in raised["mro"], (
+            f"rank {rank}: raised {raised['module']}.{raised['type']}, expected mcore_transformers.errors."
+            f"{expected.__name__}: {raised['message']}"
+        )
+        assert_names(raised["message"], case.words)
+
+
+@by_id(ERROR_RUNS)
+def test_refusal_writes_nothing(case, launches):
+    launch = launches(case.layout)
+    for rank in range(case.ranks):
+        record = launch.error_record(case, rank)
+        assert record["after"] == record["before"], f"rank {rank}: {record['watched']} changed"
+        leftovers = [name for name in record["siblings"] or [] if ".tmp-" in name]
+        assert not leftovers, f"rank {rank}: temporary folders left beside {record['watched']}: {leftovers}"
+    if case.target in ("notes-folder", "file"):
+        watched = launch.error_record(case, 0)["watched"]
+        path = os.path.join(watched, "notes.txt") if case.target == "notes-folder" else watched
+        with open(path) as f:
+            assert f.read() == NOTES_TEXT
+
+
+# ---- the checks, directly -----------------------------------------------------------------------
+def test_tp_not_dividing_heads_is_refused():
+    with pytest.raises(errors.LayoutError) as err:
+        query_groups_for(num_heads=4, num_kv_heads=2, tp=3)
+    assert_names(str(err.value), ("tp=3", "num_attention_heads=4"))
+
+
+def test_tp_not_dividing_kv_heads_is_refused():
+    with pytest.raises(errors.LayoutError) as err:
+        query_groups_for(num_heads=6, num_kv_heads=3, tp=2)
+    assert_names(str(err.value), ("tp=2", "num_key_value_heads=3"))
+
+
+def test_tp_that_cannot_replicate_kv_heads_evenly_is_refused():
+    with pytest.raises(errors.LayoutError) as err:
+        query_groups_for(num_heads=12, num_kv_heads=4, tp=6)
+    assert_names(str(err.value), ("tp=6", "num_key_value_heads=4"))
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, tp, groups",
+    [(4, 2, 1, 2), (4, 2, 2, 2), (4, 1, 2, 2), (8, 2, 4, 4), (4, 4, 2, 4), (8, 1, 8, 8)],
+)
+def test_query_groups_split_or_replicate_kv_heads(heads, kv_heads, tp, groups):
+    assert query_groups_for(heads, kv_heads, tp) == groups
+
+
+@pytest.mark.parametrize("pp, vpp, product", [(3, None, "3"), (2, 4, "8")])
+def test_pp_not_dividing_layers_is_refused(pp, vpp, product):
+    arch = get_architecture(tiny_config("llama"))  # 4 layers
+    with pytest.raises(errors.LayoutError) as err:
+        check_model_fits(arch, ParallelConfig(pp=pp, vpp=vpp))
+    assert_names(str(err.value), ("num_hidden_layers=4", product))
+
+
+@pytest.mark.parametrize("layout, world", [(dict(tp=2, pp=2), 2), (dict(tp=3), 4), (dict(pp=2), 1)])
+def test_model_parallel_size_not_dividing_world_is_refused(layout, world):
+    with pytest.raises(errors.LayoutError) as err:
+        ParallelConfig(**layout).check_world(world)
+    size = ParallelConfig(**layout).model_parallel_size
+    assert_names(str(err.value), (f"= {size}", f"world size {world}", "nproc_per_node"))
+
+
+@pytest.mark.parametrize(
+    "layout, words",
+    [
+        (dict(tp=0), ("tp=0", "positive")),
+        (dict(pp=1, vpp=2), ("vpp=2", "pp")),
+        (dict(tp=1, sequence_parallel=True), ("sequence_parallel", "tp")),
+    ],
+)
+def test_impossible_parallel_sizes_are_refused(layout, words):
+    with pytest.raises(ValueError) as err:
+        ParallelConfig(**layout)
+    assert_names(str(err.value), words)
+
+
+def test_unsupported_model_type_is_refused():
+    from transformers import GPT2Config
+
+    with pytest.raises(errors.UnsupportedModelError) as err:
+        get_architecture(GPT2Config())
+    assert_names(str(err.value), ("gpt2", "supported", "llama"))
+
+
+def test_missing_shard_is_named(checkpoint_root):
+    folder = os.path.join(checkpoint_root, "damaged", "missing-shard")
+    with pytest.raises(errors.CheckpointError) as err:
+        CheckpointReader(folder)
+    assert_names(str(err.value), ("model-00002-of-", "missing", "download"))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "truncated-sharded"])
+def test_truncated_file_is_named(checkpoint_root, kind):
+    with pytest.raises(errors.CheckpointError) as err:
+        CheckpointReader(os.path.join(checkpoint_root, "damaged", kind))
+    assert_names(str(err.value), (".safetensors", "truncated", "download"))
+
+
+def test_folder_without_weights_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(errors.CheckpointError) as err:
+        CheckpointReader(str(tmp_path))
+    assert_names(str(err.value), ("model.safetensors", "no safetensors"))
+
+
+def test_missing_path_is_refused():
+    with pytest.raises(errors.CheckpointError) as err:
+        resolve_checkpoint("/nonexistent/mcore-tiny-model")
+    assert_names(str(err.value), ("/nonexistent/mcore-tiny-model", "does not exist"))
+
+
+def test_save_into_non_model_folder_is_refused(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text(NOTES_TEXT)
+    with pytest.raises(errors.SaveTargetError) as err:
+        check_save_target(str(target))
+    assert_names(str(err.value), ("notes.txt", "not a model"))
+
+
+@pytest.mark.parametrize("content", [[], ["config.json"], ["model.safetensors", "config.json"]])
+def test_save_into_empty_or_model_folder_is_allowed(tmp_path, content):
+    target = tmp_path / "target"
+    target.mkdir()
+    for name in content:
+        (target / name).write_text("{}")
+    check_save_target(str(target))
+    check_save_target(str(tmp_path / "new"))
