@@ -23,3 +23,7 @@ class SaveTargetError(MCoreTransformersError):
 
 class AdapterError(MCoreTransformersError):
     """A LoRA adapter or config that cannot run on (or be loaded into) this megatron-core model."""
+
+
+class GenerationError(MCoreTransformersError):
+    """generate() was asked for something this model or its KV cache cannot do; the message says how to fix it."""

@@ -3,16 +3,16 @@
 `MCoreKVCache` is the object HF's generation loop carries as `past_key_values`. It owns a
 megatron-core `StaticInferenceContext`: mcore's attention modules write each step's keys and values
 into the context's per-layer memory (`key_value_memory_dict[layer_number]`, `[max_len, batch, groups,
-head_dim]`, keys stored before rotary) and attend over everything cached so far. What mcore's static
-context does not know, this class keeps beside it:
+head_dim]`) and attend over everything cached so far. What mcore's static context does not know, this
+class keeps beside it:
 
 - the position id of every cached slot, per row (`positions`). We pass rotary angles ourselves; mcore
   slices them `[sequence_len_offset : offset + s]` for the queries and `[: offset + s]` for the cached
-  keys, so every step needs the angles of the whole cached length. Left-padded rows have their own
+  keys, so every step gets the angles of the whole cached length. Left-padded rows have their own
   positions (`cumsum(mask) - 1`, as HF computes them), so the angles are per row.
 - nothing about padding: the model's forward builds an explicit `[b, 1, s, past + s]` mask from HF's
-  2-D attention mask every step (mcore's static context would decode with no mask at all), and mcore's
-  local attention core applies it.
+  2-D attention mask every step (mcore's static context would decode with no mask at all), and our
+  attention core applies it.
 
 Beam search reorders rows in place (`reorder_cache`); `crop` rolls back (assisted decoding); the
 memory grows on demand when a forward needs more room than was reserved (plain `forward(use_cache=True)`
@@ -20,6 +20,10 @@ loops), and `generate` reserves exactly `max_length - 1` slots up front after ch
 
 Every rank of the model-parallel group holds a cache for its own layers (its pipeline stage, its TP
 share of the KV heads); all ranks step it in lockstep because every rank runs the same `generate` loop.
+
+Two layer-spec classes make decoding fast (building.py selects them): `RotaryCachedSelfAttention`
+caches keys after rotary instead of re-rotating the whole cache every step, and
+`SdpaDotProductAttention` runs torch's sdpa at inference. Both give the same tokens as the stock ones.
 """
 
 from __future__ import annotations
@@ -35,12 +39,10 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor_from_config
 from megatron.core.transformer.attention import SelfAttention
 
-from .errors import MCoreTransformersError
+from .errors import GenerationError  # noqa: F401  (raised here; importable from this module too)
 from .layers import MaskedRowsDotProductAttention
 
 
-class GenerationError(MCoreTransformersError):
-    """generate() was asked for something this model or its KV cache cannot do; the message says how to fix it."""
 
 
 class MCoreKVCache:
@@ -192,9 +194,9 @@ class SdpaDotProductAttention(MaskedRowsDotProductAttention):
 
     mcore's local core repeats the KV heads for GQA and makes the cached keys and values contiguous
     in another layout (`repeat_interleave`, then copies for `baddbmm` / `bmm`): four copies of the
-    whole cache per layer and decode step, plus bf16 scores. torch's sdpa (the kernel transformers
-    uses) reads the cache's `[tokens, b, groups, head_dim]` views in place, handles GQA itself and
-    accumulates in fp32: the core runs ~4x faster at decode on CPU (batch 8, 160 cached tokens). Training keeps mcore's
+    whole cache (with the heads repeated) per layer and decode step, plus bf16 scores. torch's sdpa
+    (the kernel transformers uses) handles GQA itself and accumulates in fp32: the core runs several
+    times faster at decode on CPU (batch 8, ~100-160 cached tokens). Training keeps mcore's
     path (dropout, its RNG tracker). Rows with no visible key give zeros, as in the parent class.
     """
 
@@ -215,8 +217,10 @@ class SdpaDotProductAttention(MaskedRowsDotProductAttention):
             queries, keys = attention_mask.shape[-2:]  # the queries are the last positions of the keys
             position = torch.arange(keys, device=attention_mask.device)
             attention_mask = attention_mask | (position[keys - queries :, None] - position[None, :] > window[0])
-        # [s, b, heads, d] -> [b, heads, s, d] (views)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        # [s, b, heads, d] -> [b, heads, s, d]. The keys and values are copied into that layout: sdpa's CPU
+        # kernel reads them ~2x slower through the cache's strides than the copy costs.
+        q = query.permute(1, 2, 0, 3)
+        k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (key, value))
         context = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
         )

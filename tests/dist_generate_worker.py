@@ -89,7 +89,8 @@ def fast_attention_spec():
         attention.module = RotaryCachedSelfAttention
         attention.submodules.core_attention = SdpaDotProductAttention
 
-    originals = {name: getattr(building, name) for name in ("_layer_spec", "_customise_attention")}
+    names = [name for name in ("_layer_spec", "_customise_attention") if hasattr(building, name)]
+    originals = {name: getattr(building, name) for name in names}
 
     def layer_spec(*args, **kwargs):
         spec = originals["_layer_spec"](*args, **kwargs)
@@ -101,12 +102,49 @@ def fast_attention_spec():
         if not config.multi_latent_attention:
             use_generation_classes(attention)
 
-    building._layer_spec, building._customise_attention = layer_spec, customise_attention
+    for name, patched in (("_layer_spec", layer_spec), ("_customise_attention", customise_attention)):
+        if name in originals:
+            setattr(building, name, patched)
     try:
         yield
     finally:
         for name, original in originals.items():
             setattr(building, name, original)
+
+
+def make_prompts(kind: str):
+    """(input_ids, attention_mask) for a prompt kind, the same in every process."""
+    import torch
+
+    generator = torch.Generator().manual_seed(7)
+    if kind == "single":
+        ids = torch.randint(3, 250, (1, 7), generator=generator)
+        return ids, torch.ones_like(ids)
+    lengths = [9, 6, 4]
+    ids = torch.randint(3, 250, (len(lengths), max(lengths)), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, max(lengths) - length :] = 1
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def generate_kwargs(name: str, eos: int | None = None) -> dict:
+    """The generate() kwargs of a case (the same for mcore and the transformers oracle)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAtLength(StoppingCriteria):
+        def __init__(self, length: int):
+            self.length = length
+
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+    kwargs = dict(CASES[name][2], pad_token_id=PAD, eos_token_id=eos)
+    if name == "stopping-criteria":
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopAtLength(9 + 7)])
+    return kwargs
 
 
 def build_checkpoints(root: str) -> None:
