@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_generate_worker as W  # noqa: E402
+from launching import free_port
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_generate_worker.py")
 LAUNCHES = {"tp1": ["tp1"], "world2": ["tp2", "pp2", "pp2vpp2", "tp2sp"]}
 LAUNCH_OF = {layout: launch for launch, layouts in LAUNCHES.items() for layout in layouts}
 TIMEOUT_S = 400
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env() -> dict:
@@ -56,7 +50,7 @@ def launches(checkpoints, tmp_path_factory) -> dict:
         args = [WORKER, out, checkpoints, ",".join(layouts)]
         if world > 1:
             args = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args]
+                    "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
         log = open(os.path.join(out, f"{launch}.log"), "w+")
         procs[launch] = (subprocess.Popen([sys.executable, *args], env=_env(), stdout=log, stderr=subprocess.STDOUT), log)
     results, deadline = {}, time.time() + TIMEOUT_S

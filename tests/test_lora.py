@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_lora_worker import ADAPTERS, ALL, CASES, LAYOUTS, adapter_path, make_inputs, prepare  # noqa: E402
+from launching import free_port
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_lora_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -36,12 +36,6 @@ def cases(kind_prefix: str, where=lambda case: True):
 
 
 # ---- launching ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def lora_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("lora-inputs"))
@@ -61,7 +55,7 @@ def lora_launch(lora_root, tmp_path_factory):
             command = [sys.executable, WORKER, layout, lora_root, out]
             if world > 1:
                 command[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-                                "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+                                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
             env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
             env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
             start = time.time()

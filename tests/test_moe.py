@@ -16,7 +16,6 @@ import glob
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from safetensors import safe_open
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_moe_worker import CHECKPOINTS, ERRORS, LAYOUTS, MTP_LAYER, PARITY, build_checkpoints, make_batch  # noqa: E402
+from launching import free_port
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_moe_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -39,12 +39,6 @@ ERROR_CASES = [case for case in ERRORS]
 
 def _ids(cases):
     return [f"{name}-{layout}" for layout, name in cases]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +62,7 @@ def moe_launch(moe_checkpoints, tmp_path_factory):
         if world > 1:
             command = [
                 sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *command[1:],
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *command[1:],
             ]
         launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
         env = {k: v for k, v in os.environ.items() if k not in launcher}

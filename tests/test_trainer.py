@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_trainer_worker as W  # noqa: E402
+from launching import free_port
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_trainer_worker.py")
 LAUNCH_TIMEOUT_S = 420
@@ -29,12 +29,6 @@ RTOL = 2e-3
 
 RUNS = {name: (launch, checkpoint, layout, dp, extra)
         for launch, spec in W.LAUNCHES.items() for name, checkpoint, layout, dp, extra in spec["runs"]}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +55,7 @@ def launch(trainer_checkpoints, tmp_path_factory):
                 command = [sys.executable] + command
             else:
                 command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}"] + command
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}"] + command
             env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                        TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
