@@ -31,9 +31,10 @@ from .errors import LayoutError
 from .layers import (
     KeyProjectionRMSNorm,
     LatentDotProductAttention,
-    MaskedRowsDotProductAttention,
     MLASelfAttentionOwnRotary,
     QueryProjectionRMSNorm,
+    RotaryCachedSelfAttention,
+    SdpaDotProductAttention,
     SequenceParallelTorchNorm,
 )
 from .runtime.cpu import bridge_missing_transformer_engine
@@ -168,10 +169,16 @@ def _layer_spec(config: TransformerConfig, use_te: bool):
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
-    # mcore's attention core on both paths (TE linears and fused norms on GPU): it takes our explicit
-    # [b, 1, s, s] mask, so padding (left or right) and sliding windows are exact.
-    spec.submodules.self_attention.submodules.core_attention = MaskedRowsDotProductAttention
+    _use_cached_rotary_attention(spec.submodules.self_attention)
     return spec
+
+
+def _use_cached_rotary_attention(attention: ModuleSpec) -> None:
+    # Our attention core on both paths (TE linears and fused norms on GPU): it takes our explicit
+    # [b, 1, s, s] mask, so padding (left or right) and sliding windows are exact; at inference it runs
+    # torch's sdpa. Keys enter the KV cache already rotated (see generation.py: decode speed).
+    attention.module = RotaryCachedSelfAttention
+    attention.submodules.core_attention = SdpaDotProductAttention
 
 
 def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitecture, pp_rank: int, vp_stage):
@@ -209,7 +216,7 @@ def _customise_attention(attention: ModuleSpec, config: TransformerConfig, use_t
             attention.submodules.linear_q_down_proj = TEColumnParallelLinear
             attention.submodules.linear_kv_down_proj = TEColumnParallelLinear
     else:
-        attention.submodules.core_attention = MaskedRowsDotProductAttention
+        _use_cached_rotary_attention(attention)
     if arch.qk_norm_over_heads():
         attention.submodules.q_layernorm = QueryProjectionRMSNorm
         attention.submodules.k_layernorm = KeyProjectionRMSNorm

@@ -10,7 +10,6 @@ transformers' generate on the same checkpoint. The case table below is shared wi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ LAYOUTS = {
     "pp2vpp2": dict(world=2, tp=1, pp=2, vpp=2),
     "tp2sp": dict(world=2, tp=2, pp=1, sequence_parallel=True),
 }
-MAIN_LAYOUTS = ("tp1", "tp2", "pp2")  # every case runs here; the others run the CORE and FAST cases
+MAIN_LAYOUTS = ("tp1", "tp2", "pp2")  # every case runs here; the others run the CORE cases
 
 CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tiny.make_tiny_checkpoint
     "llama": ("llama", {}),
@@ -52,14 +51,8 @@ CASES: dict[str, tuple] = {
     "stopping-criteria": ("llama", "padded", dict(max_new_tokens=30), False),  # + StopAtLength(prompt + 7)
     "eos": ("llama", "padded", dict(max_new_tokens=24), False),  # eos = a token greedy-padded-llama emits
     "after-errors": ("llama", "padded", dict(max_new_tokens=24), False),  # the ranks are still in step
-    # "@fast": the model built with the generation attention classes (see `fast_attention_spec`).
-    "fast-greedy-padded-llama": ("llama@fast", "padded", dict(max_new_tokens=24), False),
-    "fast-greedy-padded-mistral": ("mistral@fast", "padded", dict(max_new_tokens=24), False),
-    "fast-beam": ("llama@fast", "padded", dict(max_new_tokens=12, num_beams=3, num_return_sequences=2), False),
-    "fast-sample": ("llama@fast", "padded", dict(max_new_tokens=16, num_return_sequences=2, **SAMPLING), True),
 }
 CORE_CASES = ("greedy-padded-llama", "beam", "sample")
-FAST_CASES = tuple(case for case in CASES if case.startswith("fast-"))
 ERROR_CASES = ("prompt-too-long", "cache-too-big", "foreign-cache", "cache-wrong-rows")
 
 
@@ -67,49 +60,7 @@ def cases_for(layout: str) -> list[str]:
     """The cases run in the main loop ("after-errors" runs after the bad-input cases)."""
     if layout in MAIN_LAYOUTS:
         return [c for c in CASES if c != "after-errors"]
-    return list(CORE_CASES + FAST_CASES)
-
-
-def checkpoint_folder(root: str, checkpoint: str) -> str:
-    return os.path.join(root, checkpoint.split("@")[0])
-
-
-@contextlib.contextmanager
-def fast_attention_spec():
-    """Build models with RotaryCachedSelfAttention + SdpaDotProductAttention (mcore_transformers.generation).
-
-    This is the layer-spec change proposed for building.py (keys cached after rotary; torch sdpa at
-    inference). Until building.py makes it, the "@fast" cases build their model under this patch;
-    afterwards the patch changes nothing.
-    """
-    from mcore_transformers import building
-    from mcore_transformers.generation import RotaryCachedSelfAttention, SdpaDotProductAttention
-
-    def use_generation_classes(attention) -> None:
-        attention.module = RotaryCachedSelfAttention
-        attention.submodules.core_attention = SdpaDotProductAttention
-
-    names = [name for name in ("_layer_spec", "_customise_attention") if hasattr(building, name)]
-    originals = {name: getattr(building, name) for name in names}
-
-    def layer_spec(*args, **kwargs):
-        spec = originals["_layer_spec"](*args, **kwargs)
-        use_generation_classes(spec.submodules.self_attention)
-        return spec
-
-    def customise_attention(attention, config, *args, **kwargs):
-        originals["_customise_attention"](attention, config, *args, **kwargs)
-        if not config.multi_latent_attention:
-            use_generation_classes(attention)
-
-    for name, patched in (("_layer_spec", layer_spec), ("_customise_attention", customise_attention)):
-        if name in originals:
-            setattr(building, name, patched)
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(building, name, original)
+    return list(CORE_CASES)
 
 
 def make_prompts(kind: str):
@@ -194,6 +145,7 @@ def _run_layout(layout: str, root: str, out: str) -> None:
     from transformers.generation.streamers import BaseStreamer
 
     from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state
+    from mcore_transformers.layers import RotaryCachedSelfAttention, SdpaDotProductAttention
 
     sizes = {k: v for k, v in LAYOUTS[layout].items() if k != "world"}
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
@@ -202,15 +154,11 @@ def _run_layout(layout: str, root: str, out: str) -> None:
 
     def model_for(checkpoint: str) -> MCoreModelForCausalLM:
         if checkpoint not in models:
-            spec = fast_attention_spec() if checkpoint.endswith("@fast") else contextlib.nullcontext()
-            with spec:
-                models[checkpoint] = MCoreModelForCausalLM.from_pretrained(checkpoint_folder(root, checkpoint), **sizes)
-            if checkpoint.endswith("@fast"):
-                from mcore_transformers.generation import RotaryCachedSelfAttention, SdpaDotProductAttention
-
-                attention = models[checkpoint].chunks[0].decoder.layers[0].self_attention
-                assert isinstance(attention, RotaryCachedSelfAttention), type(attention)
-                assert isinstance(attention.core_attention, SdpaDotProductAttention), type(attention.core_attention)
+            models[checkpoint] = MCoreModelForCausalLM.from_pretrained(os.path.join(root, checkpoint), **sizes)
+            # The decode path under test: keys cached after rotary, torch sdpa at inference.
+            attention = models[checkpoint].chunks[0].decoder.layers[0].self_attention
+            assert isinstance(attention, RotaryCachedSelfAttention), type(attention)
+            assert isinstance(attention.core_attention, SdpaDotProductAttention), type(attention.core_attention)
         return models[checkpoint]
 
     def record(name: str, fn) -> None:
@@ -251,8 +199,7 @@ def _run_layout(layout: str, root: str, out: str) -> None:
         record(name, run)
 
     ids, mask = make_prompts("padded")
-    for checkpoint, name in (("llama", "manual-cache-loop"), ("llama@fast", "fast-manual-cache-loop")):
-        record(name, lambda checkpoint=checkpoint: _manual_cache_loop(model_for(checkpoint), ids, mask))
+    record("manual-cache-loop", lambda: _manual_cache_loop(model_for("llama"), ids, mask))
 
     if layout in MAIN_LAYOUTS:
 
