@@ -15,9 +15,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.transformer_block import (
     LayerNormImpl,
     TransformerBlockSubmodules,
@@ -28,13 +30,18 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from .architectures import DecoderArchitecture
 from .conversion.rules import ShardLayout
 from .errors import LayoutError
+from .fast_layers import (
+    FastColumnParallelLinear,
+    FastRowParallelLinear,
+    LeanTransformerLayer,
+    RotaryCachedSelfAttention,
+    SdpaDotProductAttention,
+)
 from .layers import (
     KeyProjectionRMSNorm,
     LatentDotProductAttention,
     MLASelfAttentionOwnRotary,
     QueryProjectionRMSNorm,
-    RotaryCachedSelfAttention,
-    SdpaDotProductAttention,
     SequenceParallelTorchNorm,
 )
 from .runtime.cpu import bridge_missing_transformer_engine
@@ -170,13 +177,28 @@ def _layer_spec(config: TransformerConfig, use_te: bool):
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     _use_cached_rotary_attention(spec.submodules.self_attention)
+    _use_lean_modules(spec, use_te)
     return spec
+
+
+def _use_lean_modules(spec: ModuleSpec, use_te: bool) -> None:
+    """The fast_layers subclasses: megatron's modules with a lean path in eval mode (same arithmetic)."""
+    if spec.module is TransformerLayer:
+        spec.module = LeanTransformerLayer
+    if use_te:
+        return
+    # MLA's attention accepts only megatron's own linear classes (identity checks): its linears stay.
+    attention = spec.submodules.self_attention
+    for part in (spec.submodules.mlp, attention if attention.module is RotaryCachedSelfAttention else None):
+        if part is not None:
+            _replace_module(part, ColumnParallelLinear, FastColumnParallelLinear)
+            _replace_module(part, RowParallelLinear, FastRowParallelLinear)
 
 
 def _use_cached_rotary_attention(attention: ModuleSpec) -> None:
     # Our attention core on both paths (TE linears and fused norms on GPU): it takes our explicit
     # [b, 1, s, s] mask, so padding (left or right) and sliding windows are exact; at inference it runs
-    # torch's sdpa. Keys enter the KV cache already rotated (see generation.py: decode speed).
+    # torch's sdpa. Keys enter the KV cache already rotated (see fast_layers.py).
     attention.module = RotaryCachedSelfAttention
     attention.submodules.core_attention = SdpaDotProductAttention
 
@@ -196,6 +218,7 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
         )
         for spec in {id(spec): spec for spec in block.layer_specs}.values():
             _customise_attention(spec.submodules.self_attention, config, use_te, arch)
+            _use_lean_modules(spec, use_te)
     if local_sp:
         # megatron's torch norms refuse sequence parallelism outright; ours accept it.
         block.layer_norm = SequenceParallelTorchNorm
@@ -259,12 +282,7 @@ def mark_tensor_parallel_weights(chunks) -> None:
     tensor_parallel/layers.py); a model built with `perform_initialization=False` and loaded from a
     checkpoint has them on biases only. The gradient norm needs them to count each shard once.
     """
-    from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-        set_tensor_model_parallel_attributes,
-    )
+    from megatron.core.tensor_parallel.layers import VocabParallelEmbedding, set_tensor_model_parallel_attributes
 
     for chunk in chunks:
         for module in chunk.modules():

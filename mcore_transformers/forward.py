@@ -16,6 +16,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from .fast_layers import FORWARD_MEMO
+
 
 @dataclass(frozen=True)
 class ForwardInputs:
@@ -108,6 +110,7 @@ def forward_logits(chunks: Sequence[GPTModel], inputs: ForwardInputs, hidden_sha
                 logits = out
             else:
                 dist.send(out.detach().contiguous(), dst=ranks[(stage + 1) % pp_size])
+    FORWARD_MEMO.clear()  # what the layers derived from this forward's mask and angles
     if logits is None:
         return None
     return gather_from_tensor_model_parallel_region(logits)

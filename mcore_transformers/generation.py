@@ -21,9 +21,10 @@ loops), and `generate` reserves exactly `max_length - 1` slots up front after ch
 Every rank of the model-parallel group holds a cache for its own layers (its pipeline stage, its TP
 share of the KV heads); all ranks step it in lockstep because every rank runs the same `generate` loop.
 
-Two layer-spec classes in layers.py make decoding fast (building.py uses them): `RotaryCachedSelfAttention`
-caches keys after rotary instead of re-rotating the whole cache every step, and
-`SdpaDotProductAttention` runs torch's sdpa at inference.
+The layer-spec classes of fast_layers.py make decoding fast (building.py uses them):
+`RotaryCachedSelfAttention` caches keys after rotary instead of re-rotating the whole cache every
+step, `SdpaDotProductAttention` runs torch's sdpa at inference, and eval-mode forwards skip
+megatron's training-only machinery.
 """
 
 from __future__ import annotations

@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed.nn as dist_nn
 from megatron.core import parallel_state
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor_from_config
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
@@ -44,85 +41,6 @@ class MaskedRowsDotProductAttention(DotProductAttention):
             return context
         blind = attention_mask.all(dim=-1)  # [b, 1, s]: rows with no visible key
         return context.masked_fill(blind.permute(2, 0, 1), 0.0)  # context is [s, b, h]
-
-
-class RotaryCachedSelfAttention(SelfAttention):
-    """megatron's SelfAttention, caching keys *after* rotary in the static inference context.
-
-    Stock megatron-core 0.16 stores keys before rotary and re-rotates every cached key at every decode
-    step, in every layer: cos/sin of the angles plus several passes over `[cached, b, groups, head_dim]`.
-    On CPU that costs as much as the layer's matmuls. Here the new keys are rotated once, with their own
-    angles, before they are written to the same `key_value_memory_dict`; only the query is rotated in
-    the forward. The arithmetic per key is the same, so the results are bit-identical.
-
-    Takes the same arguments as megatron's: angles for all `offset + s` positions (the new keys use
-    `[offset : offset + s]`). Without an inference context, or with flash decoding, it is megatron's.
-    """
-
-    def _adjust_key_value_for_inference(
-        self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos=None, rotary_pos_sin=None,
-        rotary_pos_cos_sin=None, sequence_len_offset=None, *, inference_params=None,
-    ):
-        if (
-            inference_context is None
-            or rotary_pos_emb is None
-            or not inference_context.is_static_batching()
-            or self.config.flash_decode
-        ):
-            return super()._adjust_key_value_for_inference(
-                inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
-                rotary_pos_cos_sin, sequence_len_offset, inference_params=inference_params,
-            )
-        start = inference_context.sequence_len_offset
-        end = start + key.size(0)
-        q_pos_emb, k_pos_emb = rotary_pos_emb
-        q_pos_emb = q_pos_emb[start:end] if q_pos_emb is not None else None
-        if k_pos_emb is not None:
-            key = apply_rotary_pos_emb(
-                key, k_pos_emb[start:end], config=self.config,
-                mscale=_yarn_get_concentration_factor_from_config(self.config), cp_group=self.pg_collection.cp,
-            )
-        query, key, value, _, attn_mask_type, block_table = super()._adjust_key_value_for_inference(
-            inference_context, query, key, value, None, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
-            sequence_len_offset,
-        )
-        return query, key, value, (q_pos_emb, None), attn_mask_type, block_table
-
-
-class SdpaDotProductAttention(MaskedRowsDotProductAttention):
-    """Our attention core; at inference (eval mode) computed by torch's scaled_dot_product_attention.
-
-    mcore's local core repeats the KV heads for GQA and makes the cached keys and values contiguous
-    in another layout (`repeat_interleave`, then copies for `baddbmm` / `bmm`): four copies of the
-    whole cache (with the heads repeated) per layer and decode step, plus bf16 scores. torch's sdpa
-    (the kernel transformers uses) handles GQA itself and accumulates in fp32: the core runs several
-    times faster at decode on CPU (batch 8, ~100-160 cached tokens). Training keeps mcore's
-    path (dropout, its RNG tracker). Rows with no visible key give zeros, as in the parent class.
-    """
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        if (
-            self.training
-            or attention_mask is None
-            or attention_bias is not None
-            or packed_seq_params is not None
-            or self.softmax_offset is not None  # attention sinks: megatron's softmax
-            or self.scale_mask_softmax.window_size is not None
-            or self.config.apply_query_key_layer_scaling
-        ):
-            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        attention_mask = self.with_window(attention_mask)
-        # [s, b, heads, d] -> [b, heads, s, d]. The keys and values are copied into that layout: sdpa's CPU
-        # kernel reads them ~2x slower through the cache's strides than the copy costs.
-        q = query.permute(1, 2, 0, 3)
-        k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (key, value))
-        context = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
-        context = context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
-        blind = attention_mask.all(dim=-1)  # [b, 1, s]
-        return context.masked_fill(blind.permute(2, 0, 1), 0.0)
 
 
 class LatentDotProductAttention(MaskedRowsDotProductAttention):

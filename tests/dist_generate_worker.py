@@ -145,7 +145,7 @@ def _run_layout(layout: str, root: str, out: str) -> None:
     from transformers.generation.streamers import BaseStreamer
 
     from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state
-    from mcore_transformers.layers import RotaryCachedSelfAttention, SdpaDotProductAttention
+    from mcore_transformers.fast_layers import RotaryCachedSelfAttention, SdpaDotProductAttention
 
     sizes = {k: v for k, v in LAYOUTS[layout].items() if k != "world"}
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))

@@ -1,0 +1,341 @@
+"""Layer-spec subclasses of megatron-core modules with a lean path for evaluation and generate().
+
+megatron-core's modules are written for training: every linear goes through autograd Functions
+(even under `torch.no_grad()`), every layer and attention call walks branches for CUDA graphs,
+activation offloading, recompute, cross attention, packed sequences and flash decoding, and the
+local attention core repeats KV heads and copies the whole KV cache at every decode step. On CPU,
+per decoded token, that Python and copying cost as much as a small model's matmuls.
+
+These subclasses keep megatron's modules, weights and arithmetic (results are bit-identical) and
+take a short path when a module is in eval mode and none of those features is configured:
+
+- `FastColumnParallelLinear` / `FastRowParallelLinear`: without autograd, matmul + the TP
+  communication only (none at tp=1).
+- `RotaryCachedSelfAttention`: q/k/v projection, rotary with cos/sin computed once per forward
+  for all layers, keys cached *after* rotary (megatron 0.16 caches them before and re-rotates the
+  whole cache every step), core attention, output projection.
+- `SdpaDotProductAttention`: torch's scaled_dot_product_attention at inference (GQA without
+  repeating heads, fp32 accumulation), masks derived once per forward.
+- `LeanTransformerLayer`: norm → attention → residual → norm → MLP → residual.
+
+Training (module in train mode) always runs megatron's own code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor_from_config
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from .layers import MaskedRowsDotProductAttention
+
+
+class ForwardMemo:
+    """Tensors that every layer of one forward derives the same way from the same input tensor.
+
+    The decoder block hands each layer the same mask and rotary-angle tensor objects, so the first
+    layer computes what it derives from them (sdpa masks, rotary cos/sin) and the others reuse it.
+    An entry is keyed by the source tensor's identity (held, so it cannot be recycled) plus a key;
+    `clear()` (end of every model forward) drops them.
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple] = {}
+
+    def get(self, name: str, source: torch.Tensor, key: Any, compute: Callable[[], Any]) -> Any:
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] is source and entry[1] == key:
+            return entry[2]
+        value = compute()
+        self._entries[name] = (source, key, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+FORWARD_MEMO = ForwardMemo()
+
+
+# ---- linears -----------------------------------------------------------------------------------
+
+def _tp_size(group) -> int:
+    return group.size() if group is not None else 1
+
+
+class FastColumnParallelLinear(ColumnParallelLinear):
+    """megatron's ColumnParallelLinear; without autograd its forward runs directly.
+
+    megatron routes every call through three autograd Functions (input copy, linear, output gather;
+    plus environment and group look-ups and an autocast decorator) even under `torch.no_grad()`:
+    ~60 µs per linear on CPU. Without autograd those Functions are plain communication (none at
+    tp=1) around megatron's own arithmetic (matmul, then `+ bias`), which is what runs here.
+    """
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if torch.is_grad_enabled() or weight is not None or self.config._cpu_offloading_context is not None:
+            return super().forward(input_, weight, runtime_gather_output)
+        if self.sequence_parallel and not self.explicit_expert_comm and _tp_size(self.tp_group) > 1:
+            input_ = gather_from_sequence_parallel_region(input_, group=self.tp_group)
+        output = torch.matmul(input_, self.weight.t())
+        if self.bias is not None and not self.skip_bias_add:
+            output = output + self.bias
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather and _tp_size(self.tp_group) > 1:
+            output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+        return output, self.bias if self.skip_bias_add else None
+
+
+class FastRowParallelLinear(RowParallelLinear):
+    """megatron's RowParallelLinear with the same no-autograd forward as FastColumnParallelLinear."""
+
+    def forward(self, input_):
+        if torch.is_grad_enabled() or self.config._cpu_offloading_context is not None:
+            return super().forward(input_)
+        parallel = _tp_size(self.tp_group) > 1
+        if not self.input_is_parallel and parallel:
+            input_ = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        output = torch.matmul(input_, self.weight.t())
+        if parallel and not self.explicit_expert_comm:
+            if self.sequence_parallel:
+                output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
+            else:
+                output = reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None
+
+
+# ---- rotary ------------------------------------------------------------------------------------
+
+def rotary_cos_sin(angles: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of rotary angles as megatron's unfused rotary computes them (`_apply_rotary_pos_emb_bshd`)."""
+    return (torch.cos(angles) * mscale).to(dtype), (torch.sin(angles) * mscale).to(dtype)
+
+
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """megatron's unfused, non-interleaved rotary with precomputed cos / sin: the same arithmetic."""
+    rot_dim = cos.shape[-1]
+    if rot_dim == t.shape[-1]:
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+    t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    t = (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+    return torch.cat((t, t_pass), dim=-1)
+
+
+def _step_cos_sin(angles: torch.Tensor, start: int, end: int, mscale: float, dtype: torch.dtype):
+    return FORWARD_MEMO.get(
+        "rotary", angles, (start, end, mscale, dtype), lambda: rotary_cos_sin(angles[start:end], mscale, dtype)
+    )
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+class RotaryCachedSelfAttention(SelfAttention):
+    """megatron's SelfAttention with keys cached *after* rotary and a lean evaluation forward.
+
+    Stock megatron-core 0.16 stores keys before rotary in the static inference context and re-rotates
+    every cached key at every decode step, in every layer. Here the new queries and keys are rotated
+    once, with their own angles, and the keys are written rotated to the same `key_value_memory_dict`.
+    Per element the arithmetic is megatron's, so the results are bit-identical.
+
+    Takes megatron's arguments: one angles tensor for all `offset + s` positions (the new tokens use
+    `[offset : offset + s]`). With flash decoding, fused or interleaved rotary, context parallelism,
+    packed sequences, output gates, skipped rotary layers or offloading, it is megatron's forward.
+    """
+
+    def _lean(self, inference_context, key_value_states, packed_seq_params) -> bool:
+        config = self.config
+        return not (
+            self.training
+            or key_value_states is not None
+            or packed_seq_params is not None
+            or (inference_context is not None and not inference_context.is_static_batching())
+            or config.flash_decode
+            or config.apply_rope_fusion
+            or config.rotary_interleaved
+            or config.attention_output_gate
+            or config.no_rope_freq
+            or config.fused_single_qkv_rope
+            or self.pg_collection.cp.size() > 1
+            or self.offload_qkv_linear
+            or self.offload_attn_proj
+        )
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+        if inference_params is not None or not self._lean(inference_context, key_value_states, packed_seq_params):
+            return super().forward(
+                hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb, rotary_pos_cos,
+                rotary_pos_sin, rotary_pos_cos_sin, attention_bias, packed_seq_params, sequence_len_offset,
+                inference_params=inference_params,
+            )
+        query, key, value = self.get_query_key_value_tensors(hidden_states)
+        if rotary_pos_emb is not None:
+            angles = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+            start = inference_context.sequence_len_offset if inference_context is not None else 0
+            mscale = _yarn_get_concentration_factor_from_config(self.config)
+            cos, sin = _step_cos_sin(angles, start, start + key.size(0), mscale, query.dtype)
+            query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        attn_mask_type = self.attn_mask_type
+        if inference_context is not None:
+            query, key, value, _, attn_mask_type, _ = SelfAttention._adjust_key_value_for_inference(
+                self, inference_context, query, key, value, None
+            )
+        context = self.core_attention(
+            query, key, value, attention_mask, attn_mask_type=attn_mask_type, attention_bias=attention_bias,
+            packed_seq_params=None,
+        )
+        return self.linear_proj(context)
+
+    def _adjust_key_value_for_inference(
+        self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos=None, rotary_pos_sin=None,
+        rotary_pos_cos_sin=None, sequence_len_offset=None, *, inference_params=None,
+    ):
+        # megatron's own forward with a cache (train mode): cache rotated keys here too, so a cache
+        # filled by either path holds the same thing.
+        config = self.config
+        if (
+            inference_context is None
+            or rotary_pos_emb is None
+            or not inference_context.is_static_batching()
+            or config.flash_decode
+            or config.apply_rope_fusion
+            or config.rotary_interleaved
+            or self.pg_collection.cp.size() > 1
+        ):
+            return super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
+                rotary_pos_cos_sin, sequence_len_offset, inference_params=inference_params,
+            )
+        start = inference_context.sequence_len_offset
+        cos, sin = _step_cos_sin(
+            rotary_pos_emb[0], start, start + key.size(0), _yarn_get_concentration_factor_from_config(config),
+            query.dtype,
+        )
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        query, key, value, _, attn_mask_type, block_table = super()._adjust_key_value_for_inference(
+            inference_context, query, key, value, None, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
+            sequence_len_offset,
+        )
+        return query, key, value, None, attn_mask_type, block_table
+
+
+class SdpaDotProductAttention(MaskedRowsDotProductAttention):
+    """Our attention core; at inference (eval mode) computed by torch's scaled_dot_product_attention.
+
+    mcore's local core repeats the KV heads for GQA and makes the cached keys and values contiguous
+    in another layout (`repeat_interleave`, then copies for `baddbmm` / `bmm`): four copies of the
+    whole cache (with the heads repeated) per layer and decode step, plus bf16 scores. torch's sdpa
+    (the kernel transformers uses) handles GQA itself and accumulates in fp32. Training keeps mcore's
+    path (dropout, its RNG tracker). Rows with no visible key give zeros, as in the parent class.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if (
+            self.training
+            or attention_mask is None
+            or attention_bias is not None
+            or packed_seq_params is not None
+            or self.softmax_offset is not None  # attention sinks: megatron's softmax
+            or self.config.apply_query_key_layer_scaling
+        ):
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        allowed, blind = FORWARD_MEMO.get(
+            "sdpa_masks", attention_mask, self.window, lambda: self._sdpa_masks(attention_mask)
+        )
+        # [s, b, heads, d] -> [b, heads, s, d]. The keys and values are copied into that layout: sdpa's CPU
+        # kernel reads them ~2x slower through the cache's strides than the copy costs.
+        q = query.permute(1, 2, 0, 3)
+        k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (key, value))
+        context = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        context = context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+        return context if blind is None else context.masked_fill(blind, 0.0)
+
+    def _sdpa_masks(self, attention_mask: torch.Tensor):
+        """(sdpa's mask, True = attend, or None when nothing is hidden; rows to zero [s, b, 1], or None).
+
+        On CPU a decode step with no padding attends everywhere: sdpa then runs without a mask, as
+        transformers' does (on GPU the check would stall the stream, so the mask is always passed).
+        """
+        hidden = self.with_window(attention_mask)
+        blind = hidden.all(dim=-1).permute(2, 0, 1)  # [s, b, 1]: rows with no visible key
+        allowed = ~hidden
+        if hidden.device.type == "cpu":
+            allowed = allowed if hidden.any() else None
+            blind = blind if blind.any() else None
+        return allowed, blind
+
+
+# ---- layer -------------------------------------------------------------------------------------
+
+class LeanTransformerLayer(TransformerLayer):
+    """megatron's TransformerLayer; in eval mode: norm → attention → residual → norm → MLP → residual.
+
+    Skips the per-call branches for recompute, offloading, cross attention, fused TP inference
+    kernels, chunked MLP prefill and CUDA graphs, none of which is configured when it applies. The
+    bias-dropout-add of eval mode is megatron's arithmetic: `x (+ bias) + residual`, in place when
+    nothing needs a gradient.
+    """
+
+    def _lean(self) -> bool:
+        config = self.config
+        return not (
+            self.training
+            or self.recompute_input_layernorm
+            or self.recompute_pre_mlp_layernorm
+            or self.recompute_mlp
+            or self.offload_attn_norm
+            or self.offload_mlp_norm
+            or config.inference_fuse_tp_communication
+            or config.mlp_chunks_for_prefill > 1
+            or not isinstance(self.cross_attention, IdentityOp)
+        )
+
+    def forward(self, *args, **kwargs):
+        if args or not self._lean():
+            return super().forward(*args, **kwargs)
+        hidden_states = kwargs["hidden_states"]
+        attention_output = self.self_attention(
+            self.input_layernorm(hidden_states),
+            attention_mask=kwargs.get("attention_mask"),
+            inference_context=kwargs.get("inference_context"),
+            rotary_pos_emb=kwargs.get("rotary_pos_emb"),
+            rotary_pos_cos=kwargs.get("rotary_pos_cos"),
+            rotary_pos_sin=kwargs.get("rotary_pos_sin"),
+            rotary_pos_cos_sin=kwargs.get("rotary_pos_cos_sin"),
+            attention_bias=kwargs.get("attention_bias"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
+            sequence_len_offset=kwargs.get("sequence_len_offset"),
+        )
+        hidden_states = _add_residual(attention_output, hidden_states)
+        mlp_output = self.mlp(self.pre_mlp_layernorm(hidden_states), padding_mask=kwargs.get("padding_mask"))
+        return _add_residual(mlp_output, hidden_states), kwargs.get("context")
+
+
+def _add_residual(output_with_bias, residual: torch.Tensor) -> torch.Tensor:
+    """megatron's bias-dropout-add in eval mode (`_bias_dropout_add_func`, training=False)."""
+    x, bias = output_with_bias
+    inplace = not (x.requires_grad or residual.requires_grad or (bias is not None and bias.requires_grad))
+    residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
+    if bias is not None:
+        x = x.add_(bias) if inplace else x + bias
+    return x.add_(residual) if inplace else residual + x
