@@ -234,13 +234,6 @@ def test_activation_checkpointing_is_megatron_recompute(launch):
     assert record["recompute"] == "full"
 
 
-def test_resume_with_another_layout_is_refused(launch):
-    record, _ = record_of(launch, "pp2vpp2")
-    error = record["errors"]["wrong_layout_resume"]
-    assert error is not None and error["type"] == "TrainingError"
-    assert "vpp=1" in error["message"] and "vpp=2" in error["message"]
-
-
 @pytest.mark.parametrize("case,words", [
     ("hf_model", ["MCoreModelForCausalLM"]),
     ("micro_batch_size", ["micro_batch_size=3", "per_device_train_batch_size=4"]),
