@@ -42,7 +42,8 @@ from .layers import (
     LatentDotProductAttention,
     MLASelfAttentionOwnRotary,
     QueryProjectionRMSNorm,
-    SequenceParallelTorchNorm,
+    TransformersRMSNorm,
+    TransformersRMSNormWeightInFloat32,
 )
 from .runtime.cpu import bridge_missing_transformer_engine
 from .runtime.parallel import ParallelConfig
@@ -206,9 +207,8 @@ def _use_cached_rotary_attention(attention: ModuleSpec) -> None:
 def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitecture, pp_rank: int, vp_stage):
     """The layer specs of one chunk: one spec for every layer of a plain GQA decoder, else per layer."""
     plain = not config.num_moe_experts and not config.multi_latent_attention and not arch.qk_norm_over_heads()
-    local_sp = config.sequence_parallel and not use_te
-    if plain and not local_sp:
-        return _layer_spec(config, use_te)
+    if plain and use_te:
+        return _layer_spec(config, use_te)  # (TE's fused norms: nothing to swap)
     if plain:
         layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
         block = TransformerBlockSubmodules(layer_specs=[_layer_spec(config, use_te)] * layers, layer_norm=LayerNormImpl)
@@ -219,11 +219,14 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
         for spec in {id(spec): spec for spec in block.layer_specs}.values():
             _customise_attention(spec.submodules.self_attention, config, use_te, arch)
             _use_lean_modules(spec, use_te)
-    if local_sp:
-        # megatron's torch norms refuse sequence parallelism outright; ours accept it.
-        block.layer_norm = SequenceParallelTorchNorm
+    if not use_te:
+        # transformers' RMSNorm arithmetic for every norm (megatron's torch norms round differently and
+        # refuse sequence parallelism).
+        norm = TransformersRMSNormWeightInFloat32 if arch.rms_norm_weight_in_float32() else TransformersRMSNorm
+        block.layer_norm = norm
         for spec in {id(spec): spec for spec in block.layer_specs}.values():
-            _replace_module(spec, WrappedTorchNorm, SequenceParallelTorchNorm)
+            for megatron_norm in {WrappedTorchNorm, LayerNormImpl}:
+                _replace_module(spec, megatron_norm, norm)
     return block
 
 

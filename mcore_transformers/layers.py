@@ -101,17 +101,33 @@ class KeyProjectionRMSNorm(_ProjectionRMSNorm):
         super().__init__(config.num_query_groups, hidden_size, config, eps)
 
 
-class SequenceParallelTorchNorm:
-    """megatron's WrappedTorchNorm (torch LayerNorm / RMSNorm) without its refusal of sequence parallelism.
+class TransformersRMSNorm(torch.nn.Module):
+    """RMSNorm with transformers' arithmetic, for megatron's norm slots on the local (non-TE) path.
 
-    A norm acts on each token alone, so a shard of the sequence changes nothing in the forward. Its
-    weights are marked `sequence_parallel` as megatron marks its own norms, so gradient reduction
-    sums their gradients over the TP group. Used on the non-TE path (TE's norms accept SP).
+    transformers normalises in float32, casts back to the input dtype, then multiplies by the weight.
+    torch's fused RMSNorm (megatron's WrappedTorchNorm) multiplies before casting: one rounding apart
+    in bf16 from every HF model, and on CPU ~2x slower on long inputs. megatron's torch norms also
+    refuse sequence parallelism outright; a norm acts on each token alone, so a sequence shard changes
+    nothing in the forward. The weight is marked `sequence_parallel` as megatron marks its own norms,
+    so gradient reduction sums it over the TP group.
     """
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
-        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
-        for param in norm.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
-        return norm
+    weight_in_float32 = False  # GPT-OSS: (weight * x).to(dtype) instead of weight * x.to(dtype)
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_float32:
+            return (self.weight * x).to(dtype)
+        return self.weight * x.to(dtype)
+
+
+class TransformersRMSNormWeightInFloat32(TransformersRMSNorm):
+    weight_in_float32 = True

@@ -106,6 +106,11 @@ class DecoderArchitecture:
         """True: the q/k norms span the whole projection (all heads), not each head (OLMo, OLMoE)."""
         return False
 
+    def rms_norm_weight_in_float32(self) -> bool:
+        """True: RMSNorm multiplies by its weight before casting back to the input dtype (GPT-OSS);
+        False: after (Llama and most others)."""
+        return False
+
     def sliding_window(self) -> Optional[int]:
         """Attention window (keys within this distance are visible), or None for full causal attention."""
         return None
@@ -138,6 +143,10 @@ class DecoderArchitecture:
     def moe_config(self) -> dict:
         """TransformerConfig kwargs of a mixture-of-experts MLP; a dense family has none."""
         return {}
+
+    def router_aux_loss(self) -> Optional[tuple[int, int, float]]:
+        """(experts, top_k, coefficient) of transformers' MoE load-balancing loss; None: the family has none."""
+        return None
 
     def rope(self) -> torch.Tensor:
         """Rotary inverse frequencies exactly as transformers computes them for this config."""
@@ -293,11 +302,28 @@ class MoEDecoder(DecoderArchitecture):
             moe_layer_freq=[int(self.is_moe_layer(i)) for i in range(hf.num_hidden_layers)],
             moe_shared_expert_intermediate_size=shared,
             moe_shared_expert_gate=shared is not None and self.hf_shared_expert_gate is not None,
-            # Auxiliary losses shape training only; transformers adds none unless output_router_logits.
+            # megatron's own auxiliary losses stay off: transformers adds its load-balancing loss only with
+            # config.output_router_logits, and with another formula (see `router_aux_loss`), which the
+            # trainer and the model's forward compute themselves.
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
             **self.router_config(),
         )
+
+    def router_aux_loss(self) -> Optional[tuple[int, int, float]]:
+        """transformers' `load_balancing_loss_func` for this family: (experts, top_k, router_aux_loss_coef).
+
+        Qwen2/3-MoE, Mixtral, OLMoE and GPT-OSS share one function: the softmax of each layer's router
+        logits, top-k assignment counts and mean probabilities pooled over all MoE layers and unmasked
+        tokens, E · Σ_e f_e · P_e. megatron's "aux_loss" differs (per layer, summed over layers, divided
+        by top-k, over the tokens of a micro-batch), so the trainer computes this one (training/step.py).
+        A family whose transformers model has no such loss (no `router_aux_loss_coef`, e.g. DeepSeek-V3)
+        returns None.
+        """
+        coefficient = getattr(self.hf, "router_aux_loss_coef", None)
+        if coefficient is None:
+            return None
+        return self.num_experts(), self.experts_per_token(), float(coefficient)
 
     # ---- weight rules ------------------------------------------------------------------------
     def mlp_rules(self) -> list[Rule]:

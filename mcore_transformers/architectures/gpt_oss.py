@@ -33,6 +33,9 @@ class GptOss(MoEDecoder):
     def normalize_top_k(self) -> bool:
         return True  # softmax over the top-k logits
 
+    def rms_norm_weight_in_float32(self) -> bool:
+        return True
+
     def transformer_config(self) -> dict:
         from megatron.core.activations import quick_gelu
 
