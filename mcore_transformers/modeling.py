@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -13,7 +14,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils import logging
 
 from .architectures import DecoderArchitecture, get_architecture
@@ -255,6 +256,17 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             keep, kept = None, seq
 
+        # transformers' MoE load-balancing loss (config.output_router_logits): routers' logits recorded.
+        output_router_logits = kwargs.pop("output_router_logits", None)
+        if output_router_logits is None:
+            output_router_logits = getattr(self.config, "output_router_logits", False)
+        aux_spec = self.arch.router_aux_loss() if output_router_logits else None
+        recording = contextlib.nullcontext([])
+        if aux_spec is not None:
+            from .training.step import recording_router_logits
+
+            recording = recording_router_logits(self.chunks)
+
         rotary_positions = cache.begin_step(position_ids) if cache is not None else position_ids
         inputs = ForwardInputs(
             input_ids=input_ids,
@@ -270,16 +282,17 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         hidden_shape = (hidden_seq, batch, self.config.hidden_size)
         cut_after = sequence_parallel or keep is None  # else run_chunk computed only the kept positions
         logits_seq = padded_seq if cut_after else kept
-        if self.layout.pp > 1:
-            # Pipeline stages run here for inference and evaluation; training under pp goes through
-            # megatron's pipeline schedule (MCoreTrainer), which owns the backward pass.
-            with torch.no_grad():
+        with recording as router_logits:
+            if self.layout.pp > 1:
+                # Pipeline stages run here for inference and evaluation; training under pp goes through
+                # megatron's pipeline schedule (MCoreTrainer), which owns the backward pass.
+                with torch.no_grad():
+                    logits = forward_logits(self.chunks, inputs, hidden_shape, self.dtype)
+                    logits = broadcast_from_last_stage(
+                        logits, (logits_seq, batch, self.shard_layout.padded_vocab_size), self.dtype, device
+                    )
+            else:
                 logits = forward_logits(self.chunks, inputs, hidden_shape, self.dtype)
-                logits = broadcast_from_last_stage(
-                    logits, (logits_seq, batch, self.shard_layout.padded_vocab_size), self.dtype, device
-                )
-        else:
-            logits = forward_logits(self.chunks, inputs, hidden_shape, self.dtype)
         if cache is not None:
             cache.end_step(seq)
         logits = logits.transpose(0, 1)[:, :, : self.config.vocab_size]
@@ -292,7 +305,40 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels.to(device), vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        if aux_spec is None:
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        new_tokens_mask = attention_mask[:, past:] if attention_mask is not None else None  # padded like the input
+        aux_loss, routers = self._router_aux_loss(aux_spec, router_logits, new_tokens_mask, batch)
+        if loss is not None:
+            loss = loss + aux_spec[2] * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=cache, router_logits=routers
+        )
+
+    def _router_aux_loss(self, spec, router_logits, attention_mask, batch: int):
+        """transformers' load-balancing loss over this forward's tokens (every MoE layer, every stage).
+
+        The value is summed over pipeline stages (layers) and, under sequence parallelism, over the
+        tensor-parallel ranks (tokens); its gradient (pipeline size 1) flows through this rank's logits.
+        Also returns the router logits as transformers does ([b·s, experts] per MoE layer) where this
+        rank routed every token (no pipeline or sequence split); otherwise None.
+        """
+        from .training.step import RouterAuxLoss, load_balancing_loss, router_token_mask
+
+        sequence_parallel = self.layout.sequence_parallel and self.layout.tp > 1
+        groups = []
+        if sequence_parallel:
+            groups.append(ps.get_tensor_model_parallel_group())
+        if self.layout.pp > 1:
+            groups.append(ps.get_pipeline_model_parallel_group())
+        mask = router_token_mask(attention_mask, sequence_parallel)
+        aux_loss, share = load_balancing_loss(router_logits, RouterAuxLoss(*spec, groups=tuple(groups)), mask)
+        if share.requires_grad:
+            aux_loss = aux_loss + (share - share.detach())  # the value of the whole, the gradient of this share
+        routers = None
+        if not sequence_parallel and self.layout.pp == 1:
+            routers = tuple(r.transpose(0, 1).reshape(batch * r.shape[0], -1) for r in router_logits)  # [s, b, E] → [b·s, E]
+        return aux_loss, routers
 
     # ---- generation ----------------------------------------------------------------------------
     def new_kv_cache(self, batch_size: int, max_length: int) -> MCoreKVCache:

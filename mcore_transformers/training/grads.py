@@ -168,3 +168,34 @@ def swap_optimizer_params(optimizer: torch.optim.Optimizer, grads: ShardedGrads)
     for group in optimizer.param_groups:
         group["params"] = [grads.target_of.get(id(p), p) for p in group["params"]]
     optimizer.register_step_post_hook(lambda *_: grads.copy_masters_to_model())
+
+
+class ModelParallelGradScaler(torch.amp.GradScaler):
+    """torch's dynamic loss scaler (what transformers' Trainer uses for fp16 through accelerate) for a
+    model sharded over ranks: the overflow check is agreed by every rank.
+
+    Same semantics as torch.amp.GradScaler: the backward pass runs on loss × scale (megatron's
+    schedule calls `config.grad_scale_func`, which is `scale`); `unscale_` divides the fp32 master
+    gradients by the scale and looks for inf/nan; `step` skips the optimizer step when one was found;
+    `update` halves the scale after a skipped step (backoff_factor) and doubles it after
+    growth_interval clean steps. A plain GradScaler judges only this rank's gradients, so one
+    tensor-parallel shard overflowing would make that rank skip the step while the others take it.
+    Here the finding is all-reduced (max) over every rank before anyone decides; `found_overflow`
+    keeps the last step's verdict (the same on every rank).
+
+    With a fused optimizer (transformers' default adamw_torch_fused) torch hands the verdict to the
+    optimizer, which skips the update itself; accelerate then does not notice the skip and the learning
+    rate scheduler advances: transformers' own behaviour on a GPU, kept as it is.
+    """
+
+    found_overflow: bool = False
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        found = super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        agreed = found_inf.clone()
+        for value in found.values():
+            agreed = agreed + value.to(agreed.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        self.found_overflow = bool(agreed.item())
+        return {agreed.device: agreed}

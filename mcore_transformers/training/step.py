@@ -10,9 +10,10 @@ gradients of the global mean loss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ class StepResult:
     loss: torch.Tensor  # fp64 sum of the micro-batch losses (each divided by the divisor) over all replicas
     loss_sum: torch.Tensor  # fp64 sum of token losses over the micro-batches of all data-parallel replicas
     tokens: torch.Tensor  # fp64 number of valid tokens they covered
+    aux: Optional[torch.Tensor] = None  # fp64 sum of the micro-batches' load-balancing losses (uncoefficiented)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -108,6 +110,102 @@ def vocab_parallel_token_losses(logits: torch.Tensor, targets: torch.Tensor, voc
     return losses * valid
 
 
+@dataclass(frozen=True)
+class RouterAuxLoss:
+    """transformers' MoE load-balancing loss (`load_balancing_loss_func`), added as `coefficient` × loss.
+
+    `experts` / `top_k` as transformers counts them; `groups` are the process groups over which the
+    tokens of one loss are split (data-parallel replicas, tensor-parallel ranks under sequence
+    parallelism) or its layers (pipeline stages, value only): their statistics are summed over them.
+    """
+
+    experts: int
+    top_k: int
+    coefficient: float
+    groups: tuple = ()
+
+
+def router_aux_loss_of(model) -> Optional[tuple[int, int, float]]:
+    """(experts, top_k, coefficient) when `model.config.output_router_logits` asks for the aux loss, else None."""
+    if not getattr(model.config, "output_router_logits", False):
+        return None
+    spec = getattr(model.arch, "router_aux_loss", None)
+    return spec() if spec is not None else None
+
+
+@contextlib.contextmanager
+def recording_router_logits(chunks: Sequence[nn.Module]) -> Iterator[list]:
+    """Collect every MoE layer's router logits ([tokens..., experts], graph kept) while the block runs.
+
+    A forward hook on megatron's TopKRouter evaluates the router's own `gating` again on the router's
+    input: one [tokens, hidden] × [hidden, experts] product, the same numbers as the logits the router
+    routed with, with their autograd graph (megatron's router returns only probabilities and the map).
+    """
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    recorded: list = []
+    routers = [m for chunk in chunks for m in _unwrap(chunk).modules() if isinstance(m, TopKRouter)]
+    handles = [r.register_forward_hook(lambda module, args, output: recorded.append(module.gating(args[0])))
+               for r in routers]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def router_token_mask(attention_mask: Optional[torch.Tensor], sequence_parallel: bool) -> Optional[torch.Tensor]:
+    """HF's padding mask [b, s] as the router sees its tokens: [s_local · b] in megatron's [s, b] order.
+
+    Under sequence parallelism each tensor-parallel rank routes its own slice of the sequence.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.transpose(0, 1)
+    if sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
+        size = mask.shape[0] // ps.get_tensor_model_parallel_world_size()
+        start = ps.get_tensor_model_parallel_rank() * size
+        mask = mask[start : start + size]
+    return mask.reshape(-1).float()
+
+
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor], spec: RouterAuxLoss, token_mask: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `load_balancing_loss_func` over all layers' router logits, across ranks.
+
+    transformers (Switch Transformer, eqs. 4-6) accumulates over every layer's tokens the top-k
+    assignment counts c_e, the softmax probabilities p_e and the (unmasked) rows R, then returns
+    E · Σ_e (c_e / R) · (p_e / R): one product of layer-pooled statistics, not a sum over layers.
+    Here the three sums of this rank are summed over `spec.groups`; the counts carry no gradient, so
+    the rank's share E · Σ_e (c_e / R) · (p_e,local / R) has exactly its part of the gradient, and the
+    shares of all ranks add up to the loss.
+
+    Returns (loss, this rank's differentiable share), both fp32.
+    """
+    experts = spec.experts
+    device = router_logits[0].device if router_logits else torch.device("cpu")
+    counts = torch.zeros(experts, dtype=torch.float32, device=device)
+    probs = torch.zeros(experts, dtype=torch.float32, device=device)
+    rows = torch.zeros((), dtype=torch.float32, device=device)
+    for logits in router_logits:
+        weights = nn.functional.softmax(logits.reshape(-1, experts), dim=-1)  # in the logits' dtype, as HF
+        _, selected = torch.topk(weights, spec.top_k, dim=-1)
+        mask = token_mask if token_mask is not None else torch.ones(weights.shape[0], device=device)
+        mask = mask.to(device=device, dtype=torch.float32)
+        counts = counts.scatter_add(0, selected.reshape(-1), mask.repeat_interleave(spec.top_k))
+        probs = probs + (weights.float() * mask[:, None]).sum(0)
+        rows = rows + mask.sum()
+    totals = torch.cat([counts, probs.detach(), rows[None]])
+    for group in spec.groups:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(totals, group=group)
+    counts, all_probs, rows = totals[:experts], totals[experts : 2 * experts], totals[-1]
+    share = (counts / rows) * experts
+    loss = torch.sum((counts / rows) * (all_probs / rows)) * experts
+    return loss, torch.sum(share * (probs / rows))
+
+
 class PipelineStep:
     """Runs forward (+ backward) of one batch over this rank's model chunks with megatron's schedule.
 
@@ -119,6 +217,8 @@ class PipelineStep:
         self.model = model
         self.layout = model.layout
         self.window = model.arch.sliding_window()
+        # transformers' MoE load-balancing loss (config.output_router_logits); set by the trainer per run.
+        self.aux: Optional[RouterAuxLoss] = None
 
     # -- the two functions the schedule calls -----------------------------------------------------
     def _forward_step(self, data_iterator, chunk_module, *, divisor: torch.Tensor):
@@ -138,10 +238,17 @@ class PipelineStep:
         hidden = None if chunk.pre_process else chunk.decoder.input_tensor
         if isinstance(hidden, list):
             hidden = hidden[0]
-        output = run_chunk(chunk, inputs, hidden)
-        return output, functools.partial(self._loss, shifted_targets(batch["labels"]), divisor)
+        if self.aux is None:
+            output = run_chunk(chunk, inputs, hidden)
+            router = None
+        else:
+            with recording_router_logits([chunk]) as router_logits:
+                output = run_chunk(chunk, inputs, hidden)
+            mask = router_token_mask(batch.get("attention_mask"), self.layout.sequence_parallel)
+            router = (router_logits, mask)
+        return output, functools.partial(self._loss, shifted_targets(batch["labels"]), divisor, router)
 
-    def _loss(self, targets: torch.Tensor, divisor: torch.Tensor, logits: torch.Tensor):
+    def _loss(self, targets: torch.Tensor, divisor: torch.Tensor, router, logits: torch.Tensor):
         losses = vocab_parallel_token_losses(logits, targets.transpose(0, 1), self.model.config.vocab_size)
         loss_sum = losses.sum()
         tokens = targets.ne(IGNORE_INDEX).sum()
@@ -149,6 +256,12 @@ class PipelineStep:
         # num_items of the whole optimizer step (see the module docstring).
         loss = loss_sum / divisor
         record = {"loss": loss.detach().double(), "loss_sum": loss_sum.detach().double(), "tokens": tokens.double()}
+        if router is not None:
+            # transformers adds coefficient × aux to each forward's loss (not divided by accumulation):
+            # the aux loss of this micro-step's whole batch, its gradient shared out over the ranks.
+            aux, share = load_balancing_loss(router[0], self.aux, router[1])
+            loss = loss + self.aux.coefficient * share
+            record["aux"] = aux.detach().double()
         return loss, tokens.int(), record
 
     # -- driving the schedule ---------------------------------------------------------------------
@@ -195,16 +308,22 @@ class PipelineStep:
         One all-reduce over the world: the first tensor-parallel rank of each replica's last pipeline
         stage contributes its sums, every other rank zeros.
         """
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
         contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
         if contributes:
             for record in outputs:
                 totals[0] += record["loss"]
                 totals[1] += record["loss_sum"]
                 totals[2] += record["tokens"]
+        if self.aux is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            # The aux loss is already the whole batch's, the same on every rank: counted once.
+            totals[3] = sum(record["aux"] for record in outputs)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
-        return StepResult(loss=totals[0], loss_sum=totals[1], tokens=totals[2])
+        if self.aux is None:
+            return StepResult(loss=totals[0], loss_sum=totals[1], tokens=totals[2])
+        loss = totals[0] + self.aux.coefficient * totals[3]
+        return StepResult(loss=loss, loss_sum=totals[1], tokens=totals[2], aux=totals[3])
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):

@@ -10,7 +10,9 @@ the narrowest hooks:
                      at pp=1), loss = sum of token losses / tokens of the optimizer step  `training_step`
   token count        valid labels over the step's batches and data-parallel replicas   `_get_num_items_in_batch`
   optimizer          transformers' own choice (optim, lr, weight decay, betas, scheduler), stepping on
-                     the reduced grad buffers; fp32 master weights for a bf16 model      `create_optimizer`
+                     the reduced grad buffers; fp32 master weights for a bf16/fp16 model `create_optimizer`
+  fp16               dynamic loss scaling (GradScaler semantics), overflow agreed by all ranks
+  MoE aux loss       transformers' load-balancing loss when config.output_router_logits  `_router_aux_loss`
   gradient norm      global over shards: TP shards once each, replicated params once   `_clip_grad_norm`
   data               sharded by data-parallel rank; every TP/PP rank of a replica sees the same batch
   evaluation         the same schedule (loss only) or the model's forward (logits), gathered over DP
@@ -46,13 +48,21 @@ from .data import (
 from .errors import TrainingError
 from .grads import (
     EvalModule,
+    ModelParallelGradScaler,
     ShardedGrads,
     TrainingModule,
     mark_tensor_parallel_weights,
     swap_optimizer_params,
     wrap_chunks,
 )
-from .step import IGNORE_INDEX, PipelineStep, count_valid_targets, shifted_targets
+from .step import (
+    IGNORE_INDEX,
+    PipelineStep,
+    RouterAuxLoss,
+    count_valid_targets,
+    router_aux_loss_of,
+    shifted_targets,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -128,6 +138,7 @@ class MCoreTrainer(Trainer):
             enable_cpu_training_support()
         self._mcore = mcore
         self._training_module: Optional[TrainingModule] = None
+        self._unscaled = False  # fp16: this step's gradients already divided by the loss scale
         self._grads: Optional[ShardedGrads] = None
         super().__init__(model, args, *trainer_args, **kwargs)
         self._check_arguments()
@@ -150,6 +161,13 @@ class MCoreTrainer(Trainer):
             )
         self.micro_batch_size = micro_batch_size
         self._step = PipelineStep(mcore)
+        if self.args.fp16:
+            # Dynamic loss scaling with torch's GradScaler semantics, its inf/nan check agreed by every rank.
+            # Installed as accelerate's scaler, transformers' loop drives it as for fp16 on a GPU: step and
+            # update through accelerate's optimizer, the scheduler held after a skip that accelerate sees
+            # (not with a fused optimizer: see ModelParallelGradScaler), the scaler saved / restored in
+            # checkpoints (scaler.pt). accelerate builds no scaler on the CPU (transformers' fp16 is fp32 there).
+            self.accelerator.scaler = ModelParallelGradScaler("cuda" if torch.cuda.is_available() else "cpu")
         if type(mcore).activation_checkpointing_enable is PreTrainedModel.activation_checkpointing_enable:
             # Trainer.train() calls this for activation_checkpointing=True. transformers' version wraps HF
             # decoder layers; megatron recomputes its own (proposed as a method of the model class).
@@ -168,7 +186,6 @@ class MCoreTrainer(Trainer):
             "label_smoothing_factor": args.label_smoothing_factor != 0,
             "compute_loss_func": self.compute_loss_func is not None,
             "parallelism_config": getattr(args, "parallelism_config", None) is not None,
-            "fp16": args.fp16,
         }
         for name, value in refused.items():
             if value:
@@ -176,9 +193,10 @@ class MCoreTrainer(Trainer):
                     "deepspeed": "megatron-core shards the model itself (tp/pp/dp); DeepSpeed would shard it again",
                     "fsdp": "megatron-core shards the model itself (tp/pp/dp); FSDP would shard it again",
                     "parallelism_config": "parallel sizes come from MCoreModelForCausalLM.from_pretrained(tp=, pp=)",
-                    "fp16": "fp16 needs loss scaling, which is not implemented yet; use bf16",
                 }.get(name, "the loss is computed by megatron's vocab-parallel cross-entropy inside the pipeline")
                 raise TrainingError(f"MCoreTrainer does not support `{name}`: {reason}.")
+        if args.fp16 and args.bf16:
+            raise TrainingError("fp16=True and bf16=True together: choose one mixed-precision dtype.")
         if args.optim in ("lomo", "adalomo"):
             raise TrainingError(f"optim={args.optim!r} fuses the optimizer into backward; MCoreTrainer steps after "
                                 "megatron reduces the gradients. Choose another optimizer (e.g. adamw_torch).")
@@ -212,6 +230,22 @@ class MCoreTrainer(Trainer):
                 chunk.to(torch.bfloat16)
             config.params_dtype = config.pipeline_dtype = torch.bfloat16
             config.bf16 = True
+        if self.args.fp16:
+            if mcore.dtype == torch.bfloat16:
+                raise TrainingError(
+                    "fp16=True on a model loaded in bfloat16: load it with dtype=torch.float32 (MCoreTrainer casts it "
+                    "to float16 with fp32 master weights) or torch.float16, or train with bf16=True."
+                )
+            if mcore.dtype == torch.float32:
+                logger.warning(
+                    "fp16=True: MCoreTrainer casts the model to float16, keeps fp32 master weights in the optimizer and "
+                    "scales the loss dynamically; the model stays in float16 after training."
+                )
+                for chunk in mcore.chunks:
+                    chunk.to(torch.float16)
+            config.params_dtype = config.pipeline_dtype = torch.float16
+            config.fp16 = True
+            config.grad_scale_func = self.accelerator.scaler.scale  # megatron's schedule: backward of loss × scale
         mixed = mcore.dtype != torch.float32
         mark_tensor_parallel_weights(mcore.chunks)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -300,8 +334,41 @@ class MCoreTrainer(Trainer):
         return batch
 
     # ---- one step ------------------------------------------------------------------------------
+    def _router_aux_loss(self) -> Optional[RouterAuxLoss]:
+        """transformers' MoE load-balancing loss when `config.output_router_logits` asks for it.
+
+        Computed over each micro-step's whole batch (every data-parallel replica, every TP rank's slice
+        of the sequence), so the value and gradient are transformers' on the global batch. That needs
+        the whole batch in one forward per replica before its backward: one pipeline stage, one
+        micro-batch per device batch, no recompute. Other layouts are refused rather than trained
+        with another loss.
+        """
+        spec = router_aux_loss_of(self._mcore)
+        if spec is None:
+            return None
+        layout, config = self._mcore.layout, self._mcore.chunks[0].config
+        reasons = []
+        if layout.pp > 1:
+            reasons.append(f"pp={layout.pp}: the loss pools router statistics over every layer, on every stage")
+        if self.micro_batch_size < self.args.per_device_train_batch_size:
+            reasons.append(f"micro_batch_size={self.micro_batch_size} < per_device_train_batch_size: the loss pools "
+                           "the routing of the whole batch")
+        if config.recompute_granularity is not None:
+            reasons.append("activation checkpointing: the router logits would be recorded without their graph")
+        if reasons:
+            raise TrainingError(
+                "config.output_router_logits=True (transformers' MoE load-balancing loss) is not supported with "
+                + "; ".join(reasons) + ". Train with pp=1, the default micro_batch_size and no gradient "
+                "checkpointing, or set model.config.output_router_logits=False (cross-entropy only)."
+            )
+        groups = [ps.get_data_parallel_group()] if dist.is_initialized() else []
+        if layout.sequence_parallel and layout.tp > 1:
+            groups.append(ps.get_tensor_model_parallel_group())
+        return RouterAuxLoss(*spec, groups=tuple(groups))
+
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         module = self._training_state()
+        self._step.aux = self._router_aux_loss()
         module.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -319,13 +386,25 @@ class MCoreTrainer(Trainer):
         if last_of_step:
             self._grads.reduce_extras()
             self._grads.publish()
+            self._unscaled = False
         return result.loss.to(self.args.device, torch.float32)
 
+    def _unscale_gradients(self) -> None:
+        """fp16: divide the master gradients by the loss scale (and agree on overflow) once per step, before
+        their norm is taken; the scaler's `step` then does not unscale again."""
+        if self.args.fp16 and not self._unscaled:
+            self.accelerator.scaler.unscale_(getattr(self.optimizer, "optimizer", self.optimizer))
+            self._unscaled = True
+
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        self._unscale_gradients()
         return self._grads.clip(self.args.max_grad_norm)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
-        return self._grads.norm() if grad_norm is None else grad_norm
+        if grad_norm is not None:
+            return grad_norm
+        self._unscale_gradients()
+        return self._grads.norm()
 
     def _track_num_input_tokens(self, inputs) -> None:
         # transformers sums over every process; the ranks of one replica saw the same tokens.
@@ -362,9 +441,15 @@ class MCoreTrainer(Trainer):
         labels = inputs.get("labels")
         if prediction_loss_only and labels is not None:
             batch = self._model_batch(inputs)
+            self._step.aux = self._router_aux_loss()
+            # The aux loss pools the routing of the whole batch: one micro-batch (pp=1 there).
+            micro = batch["input_ids"].shape[0] if self._step.aux is not None else self.micro_batch_size
             with torch.no_grad():
-                result = self._step.run(self._mcore.chunks, batch, self.micro_batch_size, None, forward_only=True)
-            return (result.loss_sum / result.tokens.clamp(min=1)).float().to(self.args.device), None, None
+                result = self._step.run(self._mcore.chunks, batch, micro, None, forward_only=True)
+            loss = result.loss_sum / result.tokens.clamp(min=1)
+            if result.aux is not None:  # transformers' eval loss includes coefficient × aux, per batch
+                loss = loss + self._step.aux.coefficient * result.aux
+            return loss.float().to(self.args.device), None, None
         with torch.no_grad():
             outputs = self._mcore(
                 input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
@@ -380,6 +465,13 @@ class MCoreTrainer(Trainer):
             if dp_size() > 1:
                 dist.all_reduce(totals, group=ps.get_data_parallel_group())
             loss = (totals[0] / totals[1].clamp(min=1)).float()
+            aux = getattr(outputs, "aux_loss", None)
+            if aux is not None:  # the model's forward computed it over this replica's rows
+                aux = aux.detach().double().reshape(1)
+                if dp_size() > 1:
+                    dist.all_reduce(aux, group=ps.get_data_parallel_group())
+                    aux = aux / dp_size()
+                loss = loss + self._mcore.arch.router_aux_loss()[2] * aux[0].float()
         if prediction_loss_only:
             return loss, None, None
         return loss, logits, labels
@@ -419,7 +511,7 @@ class MCoreTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         if checkpoint is None:
             return
-        ckpt.load_optimizer_state(checkpoint, self._mcore, self.optimizer, self._grads)
+        ckpt.load_optimizer_state(checkpoint, self._mcore, self.model, self.optimizer, self._grads)
         scheduler_file = os.path.join(checkpoint, SCHEDULER_NAME)
         if os.path.isfile(scheduler_file) and self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
@@ -427,7 +519,8 @@ class MCoreTrainer(Trainer):
     def _load_rng_state(self, checkpoint: Optional[str]) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is not None:
-            ckpt.load_rng_state(checkpoint)
+            # At another layout megatron's streams are reseeded from seed + step (checkpoint.load_rng_state).
+            ckpt.load_rng_state(checkpoint, self._mcore, self.args.seed, self.state.global_step)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
