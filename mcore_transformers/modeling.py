@@ -404,10 +404,16 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         All ranks of a model-parallel group must pass the same inputs and settings. Sampling draws with
         the random state of the group's first rank (broadcast at the start), so a seed set there gives
-        what transformers samples in one process. A `streamer` is fed on global rank 0 only.
+        what transformers samples in one process. A `streamer` is fed on global rank 0 only. Under
+        expert parallelism the replicas may generate different prompts (same batch shape) for different
+        lengths: `synced_gpus` defaults to True so every rank steps until all are done.
         """
         if not _is_rank0():
             kwargs.pop("streamer", None)
+        if self.layout.ep > 1 and kwargs.get("synced_gpus") is None:
+            # Expert-parallel ranks are data-parallel replicas that exchange tokens in every MoE layer:
+            # each must keep stepping until every rank's sequences are done (HF's synced_gpus loop).
+            kwargs["synced_gpus"] = True
         group = model_parallel_group()
         with sampling_in_lockstep(group):
             output = super().generate(*args, **kwargs)

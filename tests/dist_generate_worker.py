@@ -22,6 +22,7 @@ LAYOUTS = {
     "pp2": dict(world=2, tp=1, pp=2),
     "pp2vpp2": dict(world=2, tp=1, pp=2, vpp=2),
     "tp2sp": dict(world=2, tp=2, pp=1, sequence_parallel=True),
+    "ep2": dict(world=2, ep=2),  # experts split over two data-parallel replicas
 }
 MAIN_LAYOUTS = ("tp1", "tp2", "pp2")  # every case runs here; the others run the CORE cases
 
@@ -30,6 +31,9 @@ CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tiny.m
     "mistral": ("mistral", {}),  # sliding window 7: decoding runs past it
     "qwen2": ("qwen2", {}),  # qkv bias
     "qwen3": ("qwen3", {}),  # qk norm, head_dim 24
+    "qwen3_moe": ("qwen3_moe", {}),  # routed experts
+    "deepseek_v3": ("deepseek_v3", {}),  # multi-latent attention, shared experts
+    "gpt_oss": ("gpt_oss", {}),  # attention sinks, alternating sliding windows, expert biases
 }
 
 PAD = 0
@@ -51,23 +55,38 @@ CASES: dict[str, tuple] = {
     "stopping-criteria": ("llama", "padded", dict(max_new_tokens=30), False),  # + StopAtLength(prompt + 7)
     "eos": ("llama", "padded", dict(max_new_tokens=24), False),  # eos = a token greedy-padded-llama emits
     "after-errors": ("llama", "padded", dict(max_new_tokens=24), False),  # the ranks are still in step
+    "moe-greedy-single": ("qwen3_moe", "single", dict(max_new_tokens=16), False),
+    "moe-greedy-padded": ("qwen3_moe", "padded", dict(max_new_tokens=16), False),
+    "mla-greedy-padded": ("deepseek_v3", "padded", dict(max_new_tokens=16), False),
+    "sinks-greedy-padded": ("gpt_oss", "padded", dict(max_new_tokens=16), False),
+    # Expert parallelism: each replica its own prompts and length (rank r: seed 7 + r, 6 + 6·r new tokens).
+    "moe-per-rank": ("qwen3_moe", "padded", {}, False),
 }
+MOE_CASES = ("moe-greedy-single", "moe-greedy-padded")
+TP1_CASES = ("mla-greedy-padded", "sinks-greedy-padded")
 CORE_CASES = ("greedy-padded-llama", "beam", "sample")
 ERROR_CASES = ("prompt-too-long", "cache-too-big", "foreign-cache", "cache-wrong-rows")
 
 
 def cases_for(layout: str) -> list[str]:
     """The cases run in the main loop ("after-errors" runs after the bad-input cases)."""
-    if layout in MAIN_LAYOUTS:
-        return [c for c in CASES if c != "after-errors"]
-    return list(CORE_CASES)
+    if layout == "ep2":
+        return [*MOE_CASES, "moe-per-rank"]
+    special = ("after-errors", "moe-per-rank", *MOE_CASES, *TP1_CASES)
+    chosen = [c for c in CASES if c not in special] if layout in MAIN_LAYOUTS else list(CORE_CASES)
+    return chosen + list(MOE_CASES) + (list(TP1_CASES) if layout == "tp1" else [])
 
 
-def make_prompts(kind: str):
+def per_rank_settings(rank: int) -> tuple[int, int]:
+    """("moe-per-rank") the prompt seed and max_new_tokens of a rank."""
+    return 7 + rank, 6 + 6 * rank
+
+
+def make_prompts(kind: str, seed: int = 7):
     """(input_ids, attention_mask) for a prompt kind, the same in every process."""
     import torch
 
-    generator = torch.Generator().manual_seed(7)
+    generator = torch.Generator().manual_seed(seed)
     if kind == "single":
         ids = torch.randint(3, 250, (1, 7), generator=generator)
         return ids, torch.ones_like(ids)
@@ -155,10 +174,11 @@ def _run_layout(layout: str, root: str, out: str) -> None:
     def model_for(checkpoint: str) -> MCoreModelForCausalLM:
         if checkpoint not in models:
             models[checkpoint] = MCoreModelForCausalLM.from_pretrained(os.path.join(root, checkpoint), **sizes)
-            # The decode path under test: keys cached after rotary, torch sdpa at inference.
+            # The decode path under test (GQA families): keys cached after rotary, torch sdpa at inference.
             attention = models[checkpoint].chunks[0].decoder.layers[0].self_attention
-            assert isinstance(attention, RotaryCachedSelfAttention), type(attention)
-            assert isinstance(attention.core_attention, SdpaDotProductAttention), type(attention.core_attention)
+            if checkpoint != "deepseek_v3":  # multi-latent attention: megatron's MLA with our core
+                assert isinstance(attention, RotaryCachedSelfAttention), type(attention)
+                assert isinstance(attention.core_attention, SdpaDotProductAttention), type(attention.core_attention)
         return models[checkpoint]
 
     def record(name: str, fn) -> None:
@@ -183,6 +203,11 @@ def _run_layout(layout: str, root: str, out: str) -> None:
         def run(name=name, checkpoint=checkpoint, kind=kind, sampled=sampled):
             model = model_for(checkpoint)
             ids, mask = make_prompts(kind)
+            if name == "moe-per-rank":
+                seed, new_tokens = per_rank_settings(rank)
+                ids, mask = make_prompts(kind, seed)
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=PAD, eos_token_id=None)
+                return {"ids": out.tolist(), "seed": seed, "new_tokens": new_tokens}
             eos = None
             if name == "eos":  # a token the greedy run emits at step 5 of row 0: rows stop at different times
                 eos = results["greedy-padded-llama"]["ids"][0][ids.shape[1] + 5]
@@ -199,7 +224,8 @@ def _run_layout(layout: str, root: str, out: str) -> None:
         record(name, run)
 
     ids, mask = make_prompts("padded")
-    record("manual-cache-loop", lambda: _manual_cache_loop(model_for("llama"), ids, mask))
+    if layout != "ep2":
+        record("manual-cache-loop", lambda: _manual_cache_loop(model_for("llama"), ids, mask))
 
     if layout in MAIN_LAYOUTS:
 

@@ -21,7 +21,7 @@ import dist_generate_worker as W  # noqa: E402
 from launching import free_port
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_generate_worker.py")
-LAUNCHES = {"tp1": ["tp1"], "world2": ["tp2", "pp2", "pp2vpp2", "tp2sp"]}
+LAUNCHES = {"tp1": ["tp1"], "world2": ["tp2", "pp2", "pp2vpp2", "tp2sp", "ep2"]}
 LAUNCH_OF = {layout: launch for launch, layouts in LAUNCHES.items() for layout in layouts}
 TIMEOUT_S = 400
 
@@ -94,17 +94,21 @@ def oracle(checkpoints):
 
     models, answers = {}, {}
 
-    def get(case: str, eos=None) -> list:
-        key = (case, eos)
+    def get(case: str, eos=None, rank: int = 0) -> list:
+        key = (case, eos, rank if case == "moe-per-rank" else 0)
         if key not in answers:
             checkpoint, kind, _, sampled = W.CASES[case]
             folder = os.path.join(checkpoints, checkpoint)
             if folder not in models:
                 models[folder] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            kwargs = W.generate_kwargs(case, eos)
             ids, mask = W.make_prompts(kind)
+            if case == "moe-per-rank":
+                seed, kwargs["max_new_tokens"] = W.per_rank_settings(rank)
+                ids, mask = W.make_prompts(kind, seed)
             if sampled:
                 torch.manual_seed(W.SAMPLING_SEED)
-            answers[key] = models[folder].generate(ids, attention_mask=mask, **W.generate_kwargs(case, eos)).tolist()
+            answers[key] = models[folder].generate(ids, attention_mask=mask, **kwargs).tolist()
         return answers[key]
 
     return get
@@ -122,9 +126,11 @@ def test_generate_matches_transformers(launches, oracle, layout, case):
     """Every rank returns exactly transformers' ids (greedy, beams, seeded sampling, no cache, stops)."""
     records = _records(launches, layout)
     entries = [_entry(record, case, rank) for rank, record in enumerate(records)]
-    expected = oracle(case, entries[0].get("eos"))
     for rank, entry in enumerate(entries):
+        expected = oracle(case, entries[0].get("eos"), rank)
         assert entry["ids"] == expected, f"{layout} rank {rank}: {case} differs from transformers"
+    if case == "moe-per-rank":  # the replicas really generated different prompts to different lengths
+        assert entries[0]["ids"] != entries[1]["ids"] and entries[0]["new_tokens"] != entries[1]["new_tokens"]
     if case == "eos":  # the chosen eos really stopped a row early (the rest of it is padding)
         prompt = len(W.make_prompts("padded")[0][0])
         assert any(W.PAD in row[prompt:] for row in expected)
@@ -132,7 +138,10 @@ def test_generate_matches_transformers(launches, oracle, layout, case):
         assert len(expected[0]) == 9 + 7
 
 
-@pytest.mark.parametrize("layout", list(LAUNCH_OF))
+DENSE_LAYOUTS = [layout for layout in LAUNCH_OF if layout != "ep2"]  # ep2 runs the MoE cases only
+
+
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 def test_streamer_on_rank0_only(launches, layout):
     records = _records(launches, layout)
     streamed = [_entry(record, "greedy-padded-llama", rank)["streamed"] for rank, record in enumerate(records)]
@@ -140,7 +149,7 @@ def test_streamer_on_rank0_only(launches, layout):
     assert all(s == {"puts": 0, "ended": False} for s in streamed[1:])
 
 
-@pytest.mark.parametrize("layout,case", [(l, c) for l in LAUNCH_OF for c in ("manual-cache-loop",)])
+@pytest.mark.parametrize("layout,case", [(l, c) for l in DENSE_LAYOUTS for c in ("manual-cache-loop",)])
 def test_forward_with_cache_matches_full_forward(launches, layout, case):
     """forward(use_cache=True) then one-token steps (cache grown on demand) = one forward over everything."""
     for rank, record in enumerate(_records(launches, layout)):
