@@ -13,7 +13,8 @@
 How it fits together: `targets` derives, from the weight rules, which rows/columns of every HF
 projection each rank holds and exposes them as HF-named slots; peft wraps a slot in its LoRA layer,
 which `layers` adopts; `host` runs the megatron linear with base and LoRA in one pass; `io` writes
-adapters. See docs/lora.md.
+adapters; `compat` keeps peft's transformers-5 MoE conversion (per-expert names → fused
+`target_parameters`) away from these models, whose view has a module per expert. See docs/lora.md.
 """
 
 from __future__ import annotations

@@ -94,6 +94,19 @@ class LoraHost:
             inverse[order] = torch.arange(order.numel())
             self._inverse = inverse
 
+    def replica_groups(self) -> list:
+        """The groups whose ranks hold this same linear: its tensor-parallel group, then the data-parallel
+        one (expert-data-parallel for routed experts; under expert parallelism attention has dp > 1)."""
+        groups = [self.group]
+        try:
+            if getattr(self.linear, "is_expert", False):
+                groups.append(ps.get_expert_data_parallel_group())
+            else:
+                groups.append(ps.get_data_parallel_group(with_context_parallel=True))
+        except (AssertionError, RuntimeError):  # parallel state not initialised: a single process
+            pass
+        return [group for group in groups if _group_size(group) > 1]
+
     def writes_adapters(self) -> bool:
         """Whether this rank writes this linear's adapters on export (one rank per linear and stage)."""
         if getattr(self.linear, "is_expert", False):

@@ -43,7 +43,9 @@ SUPPORTED = (
 )
 
 
-def check_lora_config(config, adapter: str, projection_names: Optional[Iterable[str]] = None) -> None:
+def check_lora_config(
+    config, adapter: str, projection_names: Optional[Iterable[str]] = None, unplaced: Optional[dict] = None
+) -> None:
     """Raise AdapterError naming every option of `config` megatron-core LoRA cannot honour."""
     if getattr(config, "peft_type", None) != PeftType.LORA:
         raise AdapterError(f"Adapter {adapter!r} is {getattr(config, 'peft_type', None)}; only LoRA is supported.")
@@ -77,6 +79,7 @@ def check_lora_config(config, adapter: str, projection_names: Optional[Iterable[
                 f"LoRA adapter {adapter!r} targets {unknown}, which this model cannot adapt: LoRA runs on the "
                 f"decoder projections {sorted(known)}. (An adapter that also adapts e.g. lm_head or embed_tokens "
                 "would load only in part and give wrong outputs, so it is refused.)"
+                + "".join(f" No LoRA on {linear}: {why}" for linear, why in (unplaced or {}).items())
             )
 
 
@@ -142,21 +145,22 @@ class ProjectionLora(LoraLinear):
 
     @torch.no_grad()
     def sync_replicas(self, adapters: list[str]) -> None:
-        """Make the tensor-parallel replicas of these adapters equal (first rank of the group wins)."""
-        group = self.host.group
-        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        """Make every replica of these adapters equal: over the linear's tensor-parallel group, then its
+        data-parallel group (the rank first in both wins), so a random init agrees whatever the seeds."""
+        if not dist.is_initialized():
             return
-        source = dist.get_global_rank(group, 0)
-        for adapter in adapters:
-            weights = [self.lora_A[adapter].weight, self.lora_B[adapter].weight]
-            if any(w.is_meta for w in weights):
-                continue
-            flat = torch.cat([w.reshape(-1) for w in weights])
-            dist.broadcast(flat, src=source, group=group)
-            offset = 0
-            for w in weights:
-                w.copy_(flat[offset : offset + w.numel()].view_as(w))
-                offset += w.numel()
+        for group in self.host.replica_groups():
+            source = dist.get_global_rank(group, 0)
+            for adapter in adapters:
+                weights = [self.lora_A[adapter].weight, self.lora_B[adapter].weight]
+                if any(w.is_meta for w in weights):
+                    continue
+                flat = torch.cat([w.reshape(-1) for w in weights])
+                dist.broadcast(flat, src=source, group=group)
+                offset = 0
+                for w in weights:
+                    w.copy_(flat[offset : offset + w.numel()].view_as(w))
+                    offset += w.numel()
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add B·A·scaling (HF's delta, computed in full) into this rank's part of the megatron weight."""

@@ -18,8 +18,9 @@ When peft puts its LoRA layer in place of a slot, the containing `ViewNode` adop
 
 from __future__ import annotations
 
+import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from ..conversion.binding import BoundParam
 from ..conversion.loader import expected_hf_shapes
 from ..conversion.rules import ShardLayout
+from .compat import install_conversion_guard
 from .errors import AdapterError
 
 _LABEL_STRIDE = 1 << 40  # label = tensor index · stride + row (or column) index
@@ -98,6 +100,25 @@ def derive_projections(item: BoundParam, layout: ShardLayout) -> list[Projection
             )
         )
     return projections
+
+
+GROUPED_EXPERT_WEIGHT = re.compile(r"weight\d+")  # grouped-GEMM experts: one `weight<e>` per local expert
+GROUPED_REFUSED = (
+    "LoRA on grouped-GEMM experts (Transformer Engine's TEGroupedLinear, the GPU layer spec) is not supported yet: "
+    "per-expert LoRA runs in megatron-core's SequentialMLP experts (the local, non-TE spec)."
+)
+NO_PER_EXPERT_NAMES = (
+    "this family's checkpoints have no per-expert projections (its experts are stored fused), so there is no HF "
+    "per-expert LoRA naming for them; LoRA on its routed experts is not supported."
+)
+
+
+def per_expert_item(item: BoundParam, rule) -> Optional[BoundParam]:
+    """`item` (bound to a stacked-expert rule) bound instead to the per-expert layout of the same parameter."""
+    for alternative in getattr(rule, "alternatives", ()):
+        if alternative.expert and not alternative.stacked:
+            return replace(item, rule=alternative)
+    return None
 
 
 def _linear_kind(linear: nn.Module) -> tuple[Optional[str], Optional[str]]:
@@ -178,6 +199,7 @@ class LoraView:
         self.roots: dict[str, ViewNode] = {}
         self.hosts: list = []
         self._checked: dict[str, int] = {}  # adapter name -> id of the config that passed the checks
+        self.unplaced: dict[str, str] = {}  # megatron linear (template) -> why it has no HF-named slots
 
     @property
     def model(self) -> nn.Module:
@@ -196,7 +218,7 @@ class LoraView:
             if self._checked.get(adapter) != id(config):
                 from .layers import check_lora_config
 
-                check_lora_config(config, adapter, self.projection_names())
+                check_lora_config(config, adapter, self.projection_names(), self.unplaced)
                 self._checked[adapter] = id(config)
 
     def projection_names(self) -> set[str]:
@@ -222,19 +244,33 @@ def attach(model: nn.Module) -> LoraView:
             f"enable() takes an MCoreModelForCausalLM (got {type(model).__name__}): call it on the model before "
             "get_peft_model / PeftModel.from_pretrained."
         )
+    install_conversion_guard()  # peft must not turn per-expert names into transformers 5's fused targets
     view = LoraView(model)
     layout: ShardLayout = model.shard_layout
+    rules = None
     for item in sorted(model._bound, key=lambda item: item.order):  # HF order: q, k, v, o, gate, up, down
-        if item.attr != "weight" or item.layer is None or getattr(item, "is_buffer", False) or item.param.dim() != 2:
+        grouped = item.rule.expert and GROUPED_EXPERT_WEIGHT.fullmatch(item.attr) is not None
+        if (item.attr != "weight" and not grouped) or item.layer is None or getattr(item, "is_buffer", False):
             continue
-        if "Linear" not in type(item.module).__name__:
+        if item.param.dim() != 2 or "Linear" not in type(item.module).__name__:
             continue  # routers and other non-linear weights are not LoRA targets
         kind, unsupported = _linear_kind(item.module)
+        if grouped:
+            kind, unsupported = None, GROUPED_REFUSED
+        placed = item
+        if item.rule.stacked:
+            # Stacked checkpoint (transformers 5's fused experts): LoRA is per expert all the same, so the
+            # slots come from the per-expert layout of the same parameter (`mlp.experts.{e}.gate_proj`).
+            rules = rules if rules is not None else model.arch.rules()
+            placed = per_expert_item(item, rules[item.rule_index])
         try:
-            projections = derive_projections(item, layout)
+            if placed is None:
+                raise ValueError(NO_PER_EXPERT_NAMES)
+            projections = derive_projections(placed, layout)
         except (ValueError, RuntimeError, NotImplementedError) as err:
             kind, unsupported = None, f"LoRA placement for {item.rule.mcore} could not be derived from its rule: {err}"
             projections = []
+            view.unplaced.setdefault(item.rule.mcore.removesuffix(".weight"), unsupported)
         expected_dim = {"column": 0, "row": 1}.get(kind)
         if kind is not None and any(p.split_dim != expected_dim for p in projections):
             kind, unsupported = None, f"{item.rule.mcore} is split along a dimension its linear type does not split."

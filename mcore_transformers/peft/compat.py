@@ -1,0 +1,127 @@
+"""Keep peft's transformers-5 MoE conversion away from megatron-core models.
+
+With transformers >= 5, peft rewrites the LoRA config of MoE families whose experts transformers
+now holds fused (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]):
+`target_modules` gate_proj / up_proj / down_proj become `target_parameters` on the fused tensors,
+and per-expert adapter keys (`...mlp.experts.3.gate_proj.lora_A.weight`) are folded into fused,
+block-diagonal tensors (peft.utils.transformers_weight_conversion). It decides by
+`model.config.model_type` alone, so it would do the same on `MCoreModelForCausalLM`, whose LoRA
+view has one HF-named module per expert and projection — exactly the per-expert (transformers 4,
+vLLM) naming those conversions translate away from. For megatron-core models both conversions are
+therefore skipped: per-expert names and keys load as they are. Every other model goes through
+peft's own code unchanged.
+
+peft imports that module lazily (inside the functions that use it), so the guard is installed
+when it is first imported (an import hook costing nothing until then), or at once when it already is.
+An adapter that itself uses `target_parameters` (one made with peft on transformers 5's fused
+experts) is read as the per-expert adapter it is instead (`fused`), or refused with AdapterError
+before peft creates any layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import sys
+
+from torch import nn
+
+
+CONVERSION_MODULE = "peft.utils.transformers_weight_conversion"
+
+
+def mcore_model(model):
+    """The megatron model with the LoRA view that `model` is or wraps (PeftModel, LoRA tuner), else None."""
+    from .targets import find_view
+
+    for _ in range(4):
+        if not isinstance(model, nn.Module):
+            return None
+        if find_view(model) is not None:
+            return model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", None)
+        if inner is model:
+            return None
+        model = inner
+    return None
+
+
+def is_mcore_model(model) -> bool:
+    return mcore_model(model) is not None
+
+
+def _guard(module) -> None:
+    if getattr(module, "_mcore_transformers_guarded", False):
+        return
+    convert_config = module.convert_peft_config_for_transformers
+    convert_state = module.convert_peft_adapter_state_dict_for_transformers
+
+    @functools.wraps(convert_config)
+    def convert_peft_config_for_transformers(peft_config, model, *args, **kwargs):
+        mcore = mcore_model(model)
+        if mcore is None:
+            return convert_config(peft_config, model, *args, **kwargs)
+        if getattr(peft_config, "target_parameters", None):  # fused experts -> their per-expert projections
+            from .fused import convert_config as per_expert_config
+
+            per_expert_config(peft_config, mcore, mcore.config.num_hidden_layers)
+        return None  # per-expert names are this model's own module names
+
+    @functools.wraps(convert_state)
+    def convert_peft_adapter_state_dict_for_transformers(model, *args, **kwargs):
+        mcore = mcore_model(model)
+        if mcore is None:
+            return convert_state(model, *args, **kwargs)
+        state = kwargs.get("adapter_state_dict", args[1] if len(args) > 1 else None)
+        from .fused import convert_state as per_expert_state, is_fused_state
+
+        if state and is_fused_state(state):
+            return per_expert_state(mcore, state, mcore.shard_layout.num_experts)
+        return state
+
+    module.convert_peft_config_for_transformers = convert_peft_config_for_transformers
+    module.convert_peft_adapter_state_dict_for_transformers = convert_peft_adapter_state_dict_for_transformers
+    module._mcore_transformers_guarded = True
+
+
+class _GuardingLoader(importlib.abc.Loader):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        self.inner.exec_module(module)
+        _guard(module)
+
+
+class _GuardOnImport(importlib.abc.MetaPathFinder):
+    """Wraps the loader of peft's conversion module so the guard is installed as it is imported."""
+
+    def __init__(self):
+        self._busy = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != CONVERSION_MODULE or self._busy:
+            return None
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _GuardingLoader(spec.loader)
+        return spec
+
+
+def install_conversion_guard() -> None:
+    """Idempotent and cheap: guards the module now if it is loaded, else as soon as peft imports it."""
+    module = sys.modules.get(CONVERSION_MODULE)
+    if module is not None:
+        _guard(module)
+        return
+    if not any(isinstance(finder, _GuardOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _GuardOnImport())
