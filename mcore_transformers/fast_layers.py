@@ -17,6 +17,8 @@ take a short path when a module is in eval mode and none of those features is co
 - `SdpaDotProductAttention`: torch's scaled_dot_product_attention at inference (GQA without
   repeating heads, fp32 accumulation), masks derived once per forward.
 - `LeanTransformerLayer`: norm → attention → residual → norm → MLP → residual.
+- `LeanMLP`: fc1 → silu(gate) · up → fc2, without megatron's `+ glu_linear_offset` pass (an offset of
+  0 still costs a full pass over the intermediate activations).
 
 Training (module in train mode) always runs megatron's own code.
 """
@@ -37,6 +39,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .layers import MaskedRowsDotProductAttention
@@ -283,6 +286,33 @@ class SdpaDotProductAttention(MaskedRowsDotProductAttention):
             allowed = allowed if hidden.any() else None
             blind = blind if blind.any() else None
         return allowed, blind
+
+
+# ---- MLP ---------------------------------------------------------------------------------------
+
+class LeanMLP(MLP):
+    """megatron's dense MLP; a gated unit without clamp or offset skips megatron's `x_linear + 0` pass.
+
+    Same arithmetic otherwise: fc1 (+ bias), `activation(gate) * up`, fc2. Any other configuration
+    (fused activation kernels, TE activations, per-token scales, clamps, offsets) is megatron's forward.
+    """
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        config = self.config
+        if (
+            per_token_scale is not None
+            or not config.gated_linear_unit
+            or config.use_te_activation_func
+            or config.bias_activation_fusion
+            or config.activation_func_clamp_value is not None
+            or config.glu_linear_offset != 0
+        ):
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias
+        gate, up = torch.chunk(intermediate, 2, dim=-1)
+        return self.linear_fc2(config.activation_func(gate) * up)
 
 
 # ---- layer -------------------------------------------------------------------------------------
