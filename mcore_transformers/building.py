@@ -17,7 +17,6 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -34,7 +33,6 @@ from .errors import LayoutError
 from .fast_layers import (
     FastColumnParallelLinear,
     FastRowParallelLinear,
-    LeanMLP,
     LeanTransformerLayer,
     RotaryCachedSelfAttention,
     SdpaDotProductAttention,
@@ -188,8 +186,6 @@ def _use_lean_modules(spec: ModuleSpec, use_te: bool) -> None:
     """The fast_layers subclasses: megatron's modules with a lean path in eval mode (same arithmetic)."""
     if spec.module is TransformerLayer:
         spec.module = LeanTransformerLayer
-    if spec.submodules.mlp.module is MLP:
-        spec.submodules.mlp.module = LeanMLP
     if use_te:
         return
     # MLA's attention accepts only megatron's own linear classes (identity checks): its linears stay.

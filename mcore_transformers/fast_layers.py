@@ -17,8 +17,8 @@ take a short path when a module is in eval mode and none of those features is co
 - `SdpaDotProductAttention`: torch's scaled_dot_product_attention at inference (GQA without
   repeating heads, fp32 accumulation), masks derived once per forward.
 - `LeanTransformerLayer`: norm → attention → residual → norm → MLP → residual.
-- `LeanMLP`: fc1 → silu(gate) · up → fc2, without megatron's `+ glu_linear_offset` pass (an offset of
-  0 still costs a full pass over the intermediate activations).
+  A dense gated MLP runs fc1 → silu(gate) · up → fc2, without megatron's `+ glu_linear_offset` pass
+  (an offset of 0 still costs a full pass over the intermediate activations).
 
 Training (module in train mode) always runs megatron's own code.
 """
@@ -290,35 +290,35 @@ class SdpaDotProductAttention(MaskedRowsDotProductAttention):
 
 # ---- MLP ---------------------------------------------------------------------------------------
 
-class LeanMLP(MLP):
-    """megatron's dense MLP; a gated unit without clamp or offset skips megatron's `x_linear + 0` pass.
+def _lean_gated_mlp(mlp: torch.nn.Module, hidden_states: torch.Tensor):
+    """megatron's dense gated MLP without its `x_linear + glu_linear_offset` pass, or None if it does not apply.
 
-    Same arithmetic otherwise: fc1 (+ bias), `activation(gate) * up`, fc2. Any other configuration
-    (fused activation kernels, TE activations, per-token scales, clamps, offsets) is megatron's forward.
+    Same arithmetic: fc1 (+ bias), `activation(gate) * up`, fc2 (an offset of 0 still costs megatron a
+    full pass over the intermediate activations). Fused or TE activations, clamps and offsets: None.
     """
-
-    def forward(self, hidden_states, per_token_scale=None, **kwargs):
-        config = self.config
-        if (
-            per_token_scale is not None
-            or not config.gated_linear_unit
-            or config.use_te_activation_func
-            or config.bias_activation_fusion
-            or config.activation_func_clamp_value is not None
-            or config.glu_linear_offset != 0
-        ):
-            return super().forward(hidden_states, per_token_scale, **kwargs)
-        intermediate, bias = self.linear_fc1(hidden_states)
-        if bias is not None:
-            intermediate = intermediate + bias
-        gate, up = torch.chunk(intermediate, 2, dim=-1)
-        return self.linear_fc2(config.activation_func(gate) * up)
+    config = mlp.config
+    if (
+        type(mlp) is not MLP
+        or not config.gated_linear_unit
+        or config.use_te_activation_func
+        or config.bias_activation_fusion
+        or config.activation_func_clamp_value is not None
+        or config.glu_linear_offset != 0
+    ):
+        return None
+    intermediate, bias = mlp.linear_fc1(hidden_states)
+    if bias is not None:
+        intermediate = intermediate + bias
+    gate, up = torch.chunk(intermediate, 2, dim=-1)
+    return mlp.linear_fc2(config.activation_func(gate) * up)
 
 
 # ---- layer -------------------------------------------------------------------------------------
 
 class LeanTransformerLayer(TransformerLayer):
     """megatron's TransformerLayer; in eval mode: norm → attention → residual → norm → MLP → residual.
+
+    (A dense gated MLP is computed by `_lean_gated_mlp` from the MLP's own linears.)
 
     Skips the per-call branches for recompute, offloading, cross attention, fused TP inference
     kernels, chunked MLP prefill and CUDA graphs, none of which is configured when it applies. The
@@ -357,7 +357,10 @@ class LeanTransformerLayer(TransformerLayer):
             sequence_len_offset=kwargs.get("sequence_len_offset"),
         )
         hidden_states = _add_residual(attention_output, hidden_states)
-        mlp_output = self.mlp(self.pre_mlp_layernorm(hidden_states), padding_mask=kwargs.get("padding_mask"))
+        mlp_input = self.pre_mlp_layernorm(hidden_states)
+        mlp_output = _lean_gated_mlp(self.mlp, mlp_input)
+        if mlp_output is None:
+            mlp_output = self.mlp(mlp_input, padding_mask=kwargs.get("padding_mask"))
         return _add_residual(mlp_output, hidden_states), kwargs.get("context")
 
 
