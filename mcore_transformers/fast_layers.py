@@ -14,22 +14,24 @@ take a short path when a module is in eval mode and none of those features is co
 - `RotaryCachedSelfAttention`: q/k/v projection, rotary with cos/sin computed once per forward
   for all layers, keys cached *after* rotary (megatron 0.16 caches them before and re-rotates the
   whole cache every step), core attention, output projection.
-- `SdpaDotProductAttention`: torch's scaled_dot_product_attention at inference (GQA without
-  repeating heads, fp32 accumulation), masks derived once per forward.
+- `SdpaDotProductAttention`: torch's scaled_dot_product_attention (GQA without repeating heads, fp32
+  accumulation, no stored probabilities), masks derived once per forward; in training too.
 - `LeanTransformerLayer`: norm → attention → residual → norm → MLP → residual.
   A dense gated MLP runs fc1 → silu(gate) · up → fc2, without megatron's `+ glu_linear_offset` pass
   (an offset of 0 still costs a full pass over the intermediate activations).
 
-Training (module in train mode) always runs megatron's own code.
+In train mode the linears, attention and layer run megatron's own code; only the attention core
+(`SdpaDotProductAttention`) uses torch's kernel there too.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor_from_config
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_cuda_rng_tracker
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -240,20 +242,22 @@ class RotaryCachedSelfAttention(SelfAttention):
 
 
 class SdpaDotProductAttention(MaskedRowsDotProductAttention):
-    """Our attention core; at inference (eval mode) computed by torch's scaled_dot_product_attention.
+    """Our attention core, computed by torch's scaled_dot_product_attention (inference and training).
 
-    mcore's local core repeats the KV heads for GQA and makes the cached keys and values contiguous
-    in another layout (`repeat_interleave`, then copies for `baddbmm` / `bmm`): four copies of the
-    whole cache (with the heads repeated) per layer and decode step, plus bf16 scores. torch's sdpa
-    (the kernel transformers uses) handles GQA itself and accumulates in fp32. Training keeps mcore's
-    path (dropout, its RNG tracker). Rows with no visible key give zeros, as in the parent class.
+    mcore's local core repeats the KV heads for GQA, materialises the scores and probabilities of every
+    head ([b·heads, s, s], copied several times, in fp32 for the softmax) and, at decode, copies the
+    whole KV cache four times per layer and step. torch's sdpa (the kernel transformers uses, forward
+    and backward) handles GQA itself, accumulates in fp32 and never stores the probabilities: on CPU
+    about half the attention time in training and several times less at decode. A query row with no
+    visible key gives zeros (and zero gradients), as in the parent class. Attention dropout draws from
+    megatron's model-parallel RNG stream, like megatron's core. Attention sinks, attention biases and
+    packed sequences use megatron's core.
     """
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if (
-            self.training
-            or attention_mask is None
+            attention_mask is None
             or attention_bias is not None
             or packed_seq_params is not None
             or self.softmax_offset is not None  # attention sinks: megatron's softmax
@@ -267,9 +271,12 @@ class SdpaDotProductAttention(MaskedRowsDotProductAttention):
         # kernel reads them ~2x slower through the cache's strides than the copy costs.
         q = query.permute(1, 2, 0, 3)
         k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (key, value))
-        context = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        dropout = self.config.attention_dropout if self.training else 0.0
+        with get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():
+            context = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, dropout_p=dropout, scale=self.softmax_scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
         context = context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
         return context if blind is None else context.masked_fill(blind, 0.0)
 
