@@ -20,8 +20,8 @@ take a short path when a module is in eval mode and none of those features is co
   A dense gated MLP runs fc1 → silu(gate) · up → fc2, without megatron's `+ glu_linear_offset` pass
   (an offset of 0 still costs a full pass over the intermediate activations).
 
-In train mode the linears, attention and layer run megatron's own code; only the attention core
-(`SdpaDotProductAttention`) uses torch's kernel there too.
+In train mode the linears and the layer run megatron's own code; the attention module's lean forward
+and the sdpa core serve training too (same arithmetic, differentiable).
 """
 
 from __future__ import annotations
@@ -151,22 +151,24 @@ def _step_cos_sin(angles: torch.Tensor, start: int, end: int, mscale: float, dty
 # ---- attention ---------------------------------------------------------------------------------
 
 class RotaryCachedSelfAttention(SelfAttention):
-    """megatron's SelfAttention with keys cached *after* rotary and a lean evaluation forward.
+    """megatron's SelfAttention with keys cached *after* rotary and a lean forward.
 
     Stock megatron-core 0.16 stores keys before rotary in the static inference context and re-rotates
     every cached key at every decode step, in every layer. Here the new queries and keys are rotated
     once, with their own angles, and the keys are written rotated to the same `key_value_memory_dict`.
     Per element the arithmetic is megatron's, so the results are bit-identical.
 
-    Takes megatron's arguments: one angles tensor for all `offset + s` positions (the new tokens use
-    `[offset : offset + s]`). With flash decoding, fused or interleaved rotary, context parallelism,
-    packed sequences, output gates, skipped rotary layers or offloading, it is megatron's forward.
+    The lean forward (projection, rotary with cos/sin shared by all layers, core, output projection) also
+    serves training; it is differentiable like megatron's. Takes megatron's arguments: one angles tensor
+    for all `offset + s` positions (the new tokens use `[offset : offset + s]`). With flash decoding,
+    fused or interleaved rotary, context parallelism, packed sequences, output gates, skipped rotary
+    layers, offloading or recomputed core attention, it is megatron's forward.
     """
 
     def _lean(self, inference_context, key_value_states, packed_seq_params) -> bool:
         config = self.config
         return not (
-            self.training
+            (self.training and (self.checkpoint_core_attention or inference_context is not None))
             or key_value_states is not None
             or packed_seq_params is not None
             or (inference_context is not None and not inference_context.is_static_batching())
