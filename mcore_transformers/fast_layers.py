@@ -104,20 +104,31 @@ class FastColumnParallelLinear(ColumnParallelLinear):
 
 
 class FastRowParallelLinear(RowParallelLinear):
-    """megatron's RowParallelLinear with the same no-autograd forward as FastColumnParallelLinear."""
+    """megatron's RowParallelLinear with the same no-autograd forward as FastColumnParallelLinear.
+
+    With autograd at tp=1 it leaves out megatron's output all-reduce, an identity there that a custom
+    Function returns as a view of its input: megatron's MoE expert MLP adds its bias to that output in
+    place, which autograd forbids on such a view (GPT-OSS could not train at tp=1).
+    """
 
     def forward(self, input_):
-        if torch.is_grad_enabled() or self.config._cpu_offloading_context is not None:
-            return super().forward(input_)
         parallel = _tp_size(self.tp_group) > 1
-        if not self.input_is_parallel and parallel:
-            input_ = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        output = torch.matmul(input_, self.weight.t())
-        if parallel and not self.explicit_expert_comm:
-            if self.sequence_parallel:
-                output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
-            else:
-                output = reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
+        if self.config._cpu_offloading_context is not None or (torch.is_grad_enabled() and parallel):
+            return super().forward(input_)
+        if torch.is_grad_enabled():
+            output = self._forward_impl(
+                input=input_, weight=self.weight, bias=None, gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+                allreduce_dgrad=False, sequence_parallel=False, tp_group=None, grad_output_buffer=None,
+            )
+        else:
+            if not self.input_is_parallel and parallel:
+                input_ = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+            output = torch.matmul(input_, self.weight.t())
+            if parallel and not self.explicit_expert_comm:
+                if self.sequence_parallel:
+                    output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
+                else:
+                    output = reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None
