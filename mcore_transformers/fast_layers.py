@@ -10,7 +10,7 @@ These subclasses keep megatron's modules, weights and arithmetic (results are bi
 take a short path when a module is in eval mode and none of those features is configured:
 
 - `FastColumnParallelLinear` / `FastRowParallelLinear`: without autograd, matmul + the TP
-  communication only (none at tp=1).
+  communication only; at tp=1 (no communication) in training too, differentiated by torch.
 - `RotaryCachedSelfAttention`: q/k/v projection, rotary with cos/sin computed once per forward
   for all layers, keys cached *after* rotary (megatron 0.16 caches them before and re-rotates the
   whole cache every step), core attention, output projection.
@@ -20,8 +20,8 @@ take a short path when a module is in eval mode and none of those features is co
   A dense gated MLP runs fc1 → silu(gate) · up → fc2, without megatron's `+ glu_linear_offset` pass
   (an offset of 0 still costs a full pass over the intermediate activations).
 
-In train mode the linears and the layer run megatron's own code; the attention module's lean forward
-and the sdpa core serve training too (same arithmetic, differentiable).
+In train mode the layer (and linears at tp > 1) run megatron's own code; the attention module's lean
+forward, the sdpa core and tp=1 linears serve training too (same arithmetic, differentiable).
 """
 
 from __future__ import annotations
@@ -81,54 +81,55 @@ def _tp_size(group) -> int:
 
 
 class FastColumnParallelLinear(ColumnParallelLinear):
-    """megatron's ColumnParallelLinear; without autograd its forward runs directly.
+    """megatron's ColumnParallelLinear; without autograd, or at tp=1, its forward runs directly.
 
     megatron routes every call through three autograd Functions (input copy, linear, output gather;
     plus environment and group look-ups and an autocast decorator) even under `torch.no_grad()`:
-    ~60 µs per linear on CPU. Without autograd those Functions are plain communication (none at
-    tp=1) around megatron's own arithmetic (matmul, then `+ bias`), which is what runs here.
+    ~60 µs per linear on CPU, and its linear's backward runs in Python. Without autograd those
+    Functions are plain communication around megatron's own arithmetic (matmul, then `+ bias`), which
+    is what runs here; at tp=1 there is no communication, so the same matmul is differentiated by
+    torch's own autograd (the same products). With autograd at tp > 1 it is megatron's forward.
     """
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        if torch.is_grad_enabled() or weight is not None or self.config._cpu_offloading_context is not None:
+        parallel = _tp_size(self.tp_group) > 1
+        if (
+            (torch.is_grad_enabled() and parallel)
+            or weight is not None
+            or self.config._cpu_offloading_context is not None
+        ):
             return super().forward(input_, weight, runtime_gather_output)
-        if self.sequence_parallel and not self.explicit_expert_comm and _tp_size(self.tp_group) > 1:
+        if self.sequence_parallel and not self.explicit_expert_comm and parallel:
             input_ = gather_from_sequence_parallel_region(input_, group=self.tp_group)
         output = torch.matmul(input_, self.weight.t())
         if self.bias is not None and not self.skip_bias_add:
             output = output + self.bias
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
-        if gather and _tp_size(self.tp_group) > 1:
+        if gather and parallel:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
         return output, self.bias if self.skip_bias_add else None
 
 
 class FastRowParallelLinear(RowParallelLinear):
-    """megatron's RowParallelLinear with the same no-autograd forward as FastColumnParallelLinear.
+    """megatron's RowParallelLinear with the same direct forward as FastColumnParallelLinear.
 
-    With autograd at tp=1 it leaves out megatron's output all-reduce, an identity there that a custom
-    Function returns as a view of its input: megatron's MoE expert MLP adds its bias to that output in
-    place, which autograd forbids on such a view (GPT-OSS could not train at tp=1).
+    At tp=1 this also leaves out megatron's output all-reduce, an identity there that a custom Function
+    returns as a view of its input: megatron's MoE expert MLP adds its bias to that output in place,
+    which autograd forbids on such a view (GPT-OSS could not train at tp=1).
     """
 
     def forward(self, input_):
         parallel = _tp_size(self.tp_group) > 1
-        if self.config._cpu_offloading_context is not None or (torch.is_grad_enabled() and parallel):
+        if (torch.is_grad_enabled() and parallel) or self.config._cpu_offloading_context is not None:
             return super().forward(input_)
-        if torch.is_grad_enabled():
-            output = self._forward_impl(
-                input=input_, weight=self.weight, bias=None, gradient_accumulation_fusion=self.gradient_accumulation_fusion,
-                allreduce_dgrad=False, sequence_parallel=False, tp_group=None, grad_output_buffer=None,
-            )
-        else:
-            if not self.input_is_parallel and parallel:
-                input_ = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
-            output = torch.matmul(input_, self.weight.t())
-            if parallel and not self.explicit_expert_comm:
-                if self.sequence_parallel:
-                    output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
-                else:
-                    output = reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
+        if not self.input_is_parallel and parallel:
+            input_ = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        output = torch.matmul(input_, self.weight.t())
+        if parallel and not self.explicit_expert_comm:
+            if self.sequence_parallel:
+                output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
+            else:
+                output = reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
         if self.skip_bias_add:
             return output, self.bias
         return (output + self.bias if self.bias is not None else output), None
