@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,24 +14,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_cases import LAYOUTS, ErrorRun, Run, build_checkpoints  # noqa: E402
+from launching import Started, worker_env  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 LAUNCH_TIMEOUT_S = 300
-
-
-def worker_env(hf_home: str) -> dict:
-    env = dict(os.environ)
-    env.update(
-        PYTHONWARNINGS="ignore",
-        HF_HUB_OFFLINE="1",  # the offline-hub case must fail fast, and nothing else goes online
-        TRANSFORMERS_OFFLINE="1",
-        HF_HOME=hf_home,  # an empty cache: no hub id resolves by accident
-        OMP_NUM_THREADS="1",  # two ranks share two cores
-        TOKENIZERS_PARALLELISM="false",
-    )
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
 
 
 @dataclass
@@ -84,39 +67,6 @@ class Launch:
         return record
 
 
-class _Started:
-    """A worker process running in the background, its output going to a log file."""
-
-    def __init__(self, world: int, root: str, out: str, env: dict):
-        if world == 1:
-            command = [sys.executable, WORKER, "1", root, out]
-        else:
-            # --standalone: a local rendezvous on a port the agent picks itself (no port races).
-            command = [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                WORKER, str(world), root, out,
-            ]
-        self.world, self.out = world, out
-        self.log_path = os.path.join(out, "worker.log")
-        self._log = open(self.log_path, "w")
-        self.start = time.time()
-        self.proc = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self) -> Launch:
-        try:
-            returncode = self.proc.wait(timeout=max(1.0, LAUNCH_TIMEOUT_S - (time.time() - self.start)))
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # torchrun and its ranks: the session we started
-            self.proc.wait()
-            returncode = None
-        self._log.close()
-        with open(self.log_path, errors="replace") as f:
-            log = f.read()
-        if returncode is None:
-            log += f"\n[killed: still running after {LAUNCH_TIMEOUT_S}s]"
-        return Launch(self.world, self.out, returncode, time.time() - self.start, log)
-
-
 @pytest.fixture(scope="session")
 def checkpoint_root(tmp_path_factory) -> str:
     """Every tiny checkpoint of dist_cases.CHECKPOINTS plus the damaged copies, written once."""
@@ -146,28 +96,31 @@ def launches(checkpoint_root, tmp_path_factory):
     On first use every launch the selected tests need starts in the background (the world of one
     and the 2-rank torchrun overlap on two cores); each is waited for when a test first reads it.
     """
-    env = worker_env(str(tmp_path_factory.mktemp("hf_home")))
-    started: dict[int, _Started] = {}
+    # HF_HOME: an empty cache, no hub id resolves by accident (and HF_HUB_OFFLINE: the offline-hub case fails fast).
+    env = worker_env(HF_HOME=str(tmp_path_factory.mktemp("hf_home")))
+    started: dict[int, tuple[str, Started]] = {}
     finished = _FINISHED
 
     def start(world: int) -> None:
         if world not in started:
             out = str(tmp_path_factory.mktemp(f"results-world{world}"))
-            started[world] = _Started(world, checkpoint_root, out, env)
+            # --standalone: a local rendezvous on a port the agent picks itself (no port races).
+            started[world] = (out, Started(WORKER, [str(world), checkpoint_root, out], world,
+                                           os.path.join(out, "worker.log"), env, standalone=True))
 
     def get(layout: str) -> Launch:
         world = LAYOUTS[layout]["world"]
         for needed in sorted(_NEEDED_WORLDS | {world}):
             start(needed)
         if world not in finished:
-            finished[world] = started[world].wait()
+            out, process = started[world]
+            returncode, log = process.wait(LAUNCH_TIMEOUT_S)
+            finished[world] = Launch(world, out, returncode, process.seconds, log)
         return finished[world]
 
     yield get
-    for world, process in started.items():  # a session cut short (-x, ^C): stop what we started
-        if world not in finished and process.proc.poll() is None:
-            os.killpg(process.proc.pid, signal.SIGKILL)
-            process.proc.wait()
+    for _, process in started.values():  # a session cut short (-x, ^C): stop what we started
+        process.stop()
 
 
 @pytest.fixture(scope="session")

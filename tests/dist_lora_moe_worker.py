@@ -22,13 +22,11 @@ import json
 import os
 import re
 import sys
-import time
-import traceback
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dist_lora_worker import make_inputs, write_json  # noqa: E402
+from dist_lora_worker import finish, make_inputs, merge_case, record_case  # noqa: E402
 
 LAYOUTS = {
     "dp2": dict(tp=1, ep=1, etp=None),
@@ -105,16 +103,11 @@ def adapter_path(root: str, checkpoint: str, adapter: str) -> str:
     return os.path.join(root, "adapters", f"{ADAPTER_CHECKPOINT.get(checkpoint, checkpoint)}-{adapter}")
 
 
-def write_per_expert_adapter(hf_model, folder: str, targets, seed: int, r: int = R, alpha: int = ALPHA) -> None:
-    """A random LoRA adapter in per-expert HF naming for every projection of `hf_model` named in `targets`:
-    plain linears by their module path, fused experts (`experts.gate_up_proj` [E, 2I, H],
-    `experts.down_proj` [E, H, I]) as `experts.E.gate_proj` / `up_proj` / `down_proj` per expert."""
+def hf_projection_shapes(hf_model, targets) -> dict[str, tuple[int, int]]:
+    """HF module path -> (out, in) of every projection named in `targets`, per expert for fused experts."""
     import torch
-    from peft import LoraConfig
-    from safetensors.torch import save_file
 
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {}  # HF module path -> (out, in)
+    shapes = {}
     for name, module in hf_model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             shapes[name] = (module.out_features, module.in_features)
@@ -126,8 +119,20 @@ def write_per_expert_adapter(hf_model, folder: str, targets, seed: int, r: int =
                                     ("down_proj", (hidden, double // 2))):
                     if proj in targets:
                         shapes[f"{name}.{e}.{proj}"] = shape
+    return shapes
+
+
+def write_per_expert_adapter(hf_model, folder: str, targets, seed: int, r: int = R, alpha: int = ALPHA) -> None:
+    """A random LoRA adapter in per-expert HF naming for every projection of `hf_model` named in `targets`:
+    plain linears by their module path, fused experts (`experts.gate_up_proj` [E, 2I, H],
+    `experts.down_proj` [E, H, I]) as `experts.E.gate_proj` / `up_proj` / `down_proj` per expert."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for path, (out_features, in_features) in sorted(shapes.items()):
+    for path, (out_features, in_features) in sorted(hf_projection_shapes(hf_model, targets).items()):
         tensors[f"base_model.model.{path}.lora_A.weight"] = torch.randn(r, in_features, generator=gen) / in_features**0.5
         tensors[f"base_model.model.{path}.lora_B.weight"] = torch.randn(out_features, r, generator=gen) * 0.5
     os.makedirs(folder, exist_ok=True)
@@ -326,13 +331,7 @@ def run_case(case: Case, root: str, out: str, info: dict, tensors: dict) -> None
         mpeft.save_adapter(peft_model, os.path.join(case_out, "adapter"))
 
     elif case.kind == "merge":
-        peft_model = PeftModel.from_pretrained(model, folder)
-        tensors["adapter_logits"] = logits(peft_model)
-        merged = peft_model.merge_and_unload()
-        info["merged_type"] = type(merged).__name__
-        info["lora_modules_left"] = [n for n, m in merged.named_modules() if "lora" in type(m).__name__.lower()]
-        tensors["merged_logits"] = logits(merged)
-        merged.save_pretrained(os.path.join(case_out, "merged"))
+        merge_case(PeftModel.from_pretrained(model, folder), logits, case_out, info, tensors)
 
     elif case.kind == "error-target-parameters":  # a parameter that is no stacked expert tensor
         try:
@@ -352,37 +351,16 @@ def run_case(case: Case, root: str, out: str, info: dict, tensors: dict) -> None
 def main() -> None:
     root, out = sys.argv[1:3]
     only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 else None
-    import torch
     import torch.distributed as dist
 
     from mcore_transformers import destroy_parallel_state
 
     for layout in LAYOUTS:
         for case in [c for c in CASES if c.layout == layout and (not only or c.id in only)]:
-            case_out = os.path.join(out, case.id)
-            os.makedirs(case_out, exist_ok=True)
-            start = time.time()
-            info, tensors = {}, {}
-            record = {"ok": True, "info": info}
-            try:
-                run_case(case, root, out, info, tensors)
-                torch.save(tensors, os.path.join(case_out, f"rank{RANK}.pt"))
-            except Exception as err:
-                record.update(
-                    ok=False, error_type=type(err).__name__, error_mro=[c.__name__ for c in type(err).__mro__],
-                    error=str(err), traceback=traceback.format_exc(),
-                )
-            record["seconds"] = round(time.time() - start, 3)
-            write_json(os.path.join(case_out, f"rank{RANK}.json"), record)
-            if dist.is_initialized():
-                dist.barrier()
+            record_case(case, run_case, root, out)
         if dist.is_initialized():
             destroy_parallel_state()
-    with open(os.path.join(out, f"done.rank{RANK}"), "w") as f:
-        f.write("done\n")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(out)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,58 @@ def prepare(root: str) -> None:
         get_peft_model(base, LoraConfig(init_lora_weights=False, **ADAPTERS["all"])).save_pretrained(target)
 
 
+# ---- reading the results back (the pytest side) ------------------------------------------------
+def parametrize_cases(cases: list, kind_prefix: str, where=lambda case: True):
+    """pytest's parametrize over the `cases` whose kind starts with `kind_prefix` (and that `where` keeps)."""
+    import pytest
+
+    chosen = [case for case in cases if case.kind.startswith(kind_prefix) and where(case)]
+    return pytest.mark.parametrize("case", chosen, ids=[case.id for case in chosen])
+
+
+def case_record(out: str, case, rank: int, log: str) -> dict:
+    """The worker's record of `case` on `rank` under OUT, with its "tensors" and "folder". Fails the test when
+    there is none or when a case that is no error case raised; skips a sequence-parallel case whose model
+    refuses sequence parallelism."""
+    import pytest
+    import torch
+
+    path = os.path.join(out, case.id, f"rank{rank}.json")
+    if not os.path.exists(path):
+        pytest.fail(f"{case.id}: no record from rank {rank}. Worker log tail:\n{log[-5000:]}")
+    with open(path) as f:
+        result = json.load(f)
+    if getattr(case, "sequence_parallel", False) and not result["ok"] and "sequence parallel not supported" in result["error"]:
+        pytest.skip(f"the model does not load with sequence_parallel=True here: {result['error']}")
+    if not case.kind.startswith("error") and not result["ok"]:
+        pytest.fail(f"{case.id} raised on rank {rank}:\n{result['traceback']}")
+    tensors_path = os.path.join(out, case.id, f"rank{rank}.pt")
+    result["tensors"] = torch.load(tensors_path) if os.path.exists(tensors_path) else {}
+    result["folder"] = os.path.join(out, case.id)
+    return result
+
+
+def hf_logits(model, vocab_size: int):
+    """A transformers (or peft) model's logits on `make_inputs(vocab_size)`, without gradients."""
+    import torch
+
+    batch = make_inputs(vocab_size)
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def read_safetensors(folder: str) -> dict:
+    """Every tensor of the *.safetensors files in `folder`."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        tensors.update(load_file(path))
+    return tensors
+
+
 # ---- the worker ---------------------------------------------------------------------------------
 RANK = int(os.environ.get("RANK", 0))
 
@@ -221,13 +273,7 @@ def run_case(case: Case, root: str, out: str, info: dict, tensors: dict) -> None
             peft_model.save_pretrained(os.path.join(case_out, "stock"), is_main_process=RANK == 0)
 
     elif case.kind == "merge":
-        peft_model = PeftModel.from_pretrained(model, folder)
-        tensors["adapter_logits"] = logits(peft_model)
-        merged = peft_model.merge_and_unload()
-        info["merged_type"] = type(merged).__name__
-        info["lora_modules_left"] = [n for n, m in merged.named_modules() if "lora" in type(m).__name__.lower()]
-        tensors["merged_logits"] = logits(merged)
-        merged.save_pretrained(os.path.join(case_out, "merged"))
+        merge_case(PeftModel.from_pretrained(model, folder), logits, case_out, info, tensors)
 
     elif case.kind == "grads":
         peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
@@ -330,37 +376,59 @@ def write_json(path: str, payload: dict) -> None:
     os.replace(path + ".part", path)
 
 
-def main() -> None:
-    layout, root, out = sys.argv[1:4]
-    only = set(sys.argv[4].split(",")) if len(sys.argv) > 4 else None
+def merge_case(peft_model, logits, case_out: str, info: dict, tensors: dict) -> None:
+    """The "merge" kind: logits with the adapter, then merge_and_unload, its logits and save_pretrained."""
+    tensors["adapter_logits"] = logits(peft_model)
+    merged = peft_model.merge_and_unload()
+    info["merged_type"] = type(merged).__name__
+    info["lora_modules_left"] = [n for n, m in merged.named_modules() if "lora" in type(m).__name__.lower()]
+    tensors["merged_logits"] = logits(merged)
+    merged.save_pretrained(os.path.join(case_out, "merged"))
+
+
+def record_case(case, run_case, root: str, out: str) -> None:
+    """Run `run_case(case, root, out, info, tensors)` and write this rank's OUT/<case>/rank<r>.json (and .pt),
+    the error too when it raises; then wait for the other ranks."""
     import torch
     import torch.distributed as dist
 
-    for case in cases_for(layout):
-        if only and case.id not in only:
-            continue
-        case_out = os.path.join(out, case.id)
-        os.makedirs(case_out, exist_ok=True)
-        start = time.time()
-        info, tensors = {}, {}
-        record = {"ok": True, "info": info}
-        try:
-            run_case(case, root, out, info, tensors)
-            torch.save(tensors, os.path.join(case_out, f"rank{RANK}.pt"))
-        except Exception as err:
-            record.update(
-                ok=False, error_type=type(err).__name__, error_mro=[c.__name__ for c in type(err).__mro__],
-                error=str(err), traceback=traceback.format_exc(),
-            )
-        record["seconds"] = round(time.time() - start, 3)
-        write_json(os.path.join(case_out, f"rank{RANK}.json"), record)
-        if dist.is_initialized():
-            dist.barrier()
+    case_out = os.path.join(out, case.id)
+    os.makedirs(case_out, exist_ok=True)
+    start = time.time()
+    info, tensors = {}, {}
+    record = {"ok": True, "info": info}
+    try:
+        run_case(case, root, out, info, tensors)
+        torch.save(tensors, os.path.join(case_out, f"rank{RANK}.pt"))
+    except Exception as err:
+        record.update(
+            ok=False, error_type=type(err).__name__, error_mro=[c.__name__ for c in type(err).__mro__],
+            error=str(err), traceback=traceback.format_exc(),
+        )
+    record["seconds"] = round(time.time() - start, 3)
+    write_json(os.path.join(case_out, f"rank{RANK}.json"), record)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finish(out: str) -> None:
+    """Mark this rank done (OUT/done.rank<r>) and leave the process group."""
+    import torch.distributed as dist
+
     with open(os.path.join(out, f"done.rank{RANK}"), "w") as f:
         f.write("done\n")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def main() -> None:
+    layout, root, out = sys.argv[1:4]
+    only = set(sys.argv[4].split(",")) if len(sys.argv) > 4 else None
+    for case in cases_for(layout):
+        if not only or case.id in only:
+            record_case(case, run_case, root, out)
+    finish(out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -113,20 +112,7 @@ def run(name: str, checkpoint: str, layout: dict, dp: int, extra: dict, root: st
 
 def main() -> None:
     launch, root, out = sys.argv[1:4]
-    from mcore_transformers import destroy_parallel_state
-
-    previous = None
-    for name, checkpoint, layout, dp, extra in LAUNCHES[launch]["runs"]:
-        if previous is not None and layout != previous:
-            destroy_parallel_state()
-        previous = layout
-        try:
-            run(name, checkpoint, layout, dp, extra, root, out)
-        except Exception:
-            W.write_json(os.path.join(out, name, f"crash.rank{rank()}.json"), {"crashed": traceback.format_exc()})
-            raise
-    if dist.is_initialized():
-        dist.barrier()
+    W.run_launch(LAUNCHES[launch]["runs"], root, out, run, sizes=None)
 
 
 if __name__ == "__main__":

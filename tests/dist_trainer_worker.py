@@ -225,20 +225,18 @@ def resume_elsewhere(root: str, out: str, checkpoint: str) -> None:
     write_json(os.path.join(out, "record.json"), {"resumed": history(trainer)})
 
 
-def main() -> None:
-    launch, root, out = sys.argv[1:4]
+def run_launch(runs, root: str, out: str, run, sizes=("tp", "pp", "vpp")) -> None:
+    """`run(name, checkpoint, layout, dp, extra, root, out)` for every run of a launch in turn, the parallel state
+    rebuilt where the layout's `sizes` change (any change with sizes=None); a run that raises writes
+    OUT/<name>/crash.rank<r>.json first. Ends with a barrier."""
     from mcore_transformers import destroy_parallel_state
 
-    if launch == "resume-dp1":
-        resume_elsewhere(root, out, sys.argv[4])
-        return
-
     previous = None
-    for name, checkpoint, layout, dp, extra in LAUNCHES[launch]["runs"]:
-        sizes = {k: layout.get(k) for k in ("tp", "pp", "vpp")}
-        if previous is not None and sizes != previous:
+    for name, checkpoint, layout, dp, extra in runs:
+        current = layout if sizes is None else {k: layout.get(k) for k in sizes}
+        if previous is not None and current != previous:
             destroy_parallel_state()
-        previous = sizes
+        previous = current
         try:
             run(name, checkpoint, layout, dp, extra, root, out)
         except Exception:
@@ -246,6 +244,15 @@ def main() -> None:
             raise
     if dist.is_initialized():
         dist.barrier()
+
+
+def main() -> None:
+    launch, root, out = sys.argv[1:4]
+    if launch == "resume-dp1":
+        resume_elsewhere(root, out, sys.argv[4])
+        return
+
+    run_launch(LAUNCHES[launch]["runs"], root, out, run)
 
 
 if __name__ == "__main__":

@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_generate_worker as W  # noqa: E402
-from launching import free_port
+from launching import Started  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_generate_worker.py")
 LAUNCHES = {"tp1": ["tp1"], "world2": ["tp2", "pp2", "pp2vpp2", "tp2sp", "ep2"]}
 LAUNCH_OF = {layout: launch for launch, layouts in LAUNCHES.items() for layout in layouts}
 TIMEOUT_S = 400
-
-
-def _env() -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -44,26 +35,14 @@ def checkpoints(tmp_path_factory) -> str:
 def launches(checkpoints, tmp_path_factory) -> dict:
     """Both launches, started together; {launch: (out folder, returncode, log)}."""
     out = str(tmp_path_factory.mktemp("generate-results"))
-    procs = {}
-    for launch, layouts in LAUNCHES.items():
-        world = W.LAYOUTS[layouts[0]]["world"]
-        args = [WORKER, out, checkpoints, ",".join(layouts)]
-        if world > 1:
-            args = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-                    "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
-        log = open(os.path.join(out, f"{launch}.log"), "w+")
-        procs[launch] = (subprocess.Popen([sys.executable, *args], env=_env(), stdout=log, stderr=subprocess.STDOUT), log)
-    results, deadline = {}, time.time() + TIMEOUT_S
-    for launch, (proc, log) in procs.items():
-        try:
-            code = proc.wait(timeout=max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = None
-        log.seek(0)
-        results[launch] = (out, code, log.read())
-        log.close()
-    return results
+    started = {launch: Started(WORKER, [out, checkpoints, ",".join(layouts)], W.LAYOUTS[layouts[0]]["world"],
+                               os.path.join(out, f"{launch}.log"))
+               for launch, layouts in LAUNCHES.items()}
+    try:
+        return {launch: (out, *process.wait(TIMEOUT_S)) for launch, process in started.items()}
+    finally:  # an interrupt while waiting for the first: stop the other too
+        for process in started.values():
+            process.stop()
 
 
 def _records(launches, layout: str) -> list[dict]:

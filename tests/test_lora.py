@@ -7,20 +7,21 @@ these tests compare them with HF peft on the same checkpoints, adapters and inpu
 
 from __future__ import annotations
 
-import glob
+import functools
 import json
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dist_lora_worker import ADAPTERS, ALL, CASES, LAYOUTS, adapter_path, make_inputs, prepare  # noqa: E402
-from launching import free_port
+from dist_lora_worker import (  # noqa: E402
+    ADAPTERS, ALL, CASES, LAYOUTS, adapter_path, case_record, hf_logits, make_inputs, parametrize_cases, prepare,
+    read_safetensors,
+)
+from launching import launch as launch_worker  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_lora_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -30,9 +31,7 @@ LOGITS_TOL = {"float32": 1e-4, "bfloat16": 5e-2}
 GRAD_TOL = 1e-4  # relative to the largest gradient of the tensor
 
 
-def cases(kind_prefix: str, where=lambda case: True):
-    chosen = [case for case in CASES if case.kind.startswith(kind_prefix) and where(case)]
-    return pytest.mark.parametrize("case", chosen, ids=[case.id for case in chosen])
+cases = functools.partial(parametrize_cases, CASES)
 
 
 # ---- launching ----------------------------------------------------------------------------------
@@ -51,20 +50,8 @@ def lora_launch(lora_root, tmp_path_factory):
     def launch(layout: str) -> str:
         if layout not in done:
             out = str(tmp_path_factory.mktemp(f"lora-{layout}"))
-            world = LAYOUTS[layout]["world"]
-            command = [sys.executable, WORKER, layout, lora_root, out]
-            if world > 1:
-                command[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-                                "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-            env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-            start = time.time()
-            try:
-                proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      timeout=LAUNCH_TIMEOUT_S)
-                log = proc.stdout + f"\n[exit {proc.returncode} after {time.time() - start:.0f}s]"
-            except subprocess.TimeoutExpired as err:
-                log = str(err.stdout or "") + f"\n[timed out after {LAUNCH_TIMEOUT_S}s]"
+            _, log = launch_worker(WORKER, [layout, lora_root, out], LAYOUTS[layout]["world"], LAUNCH_TIMEOUT_S,
+                                   os.path.join(out, "worker.log"))
             done[layout] = (out, log)
         return done[layout][0]
 
@@ -74,19 +61,7 @@ def lora_launch(lora_root, tmp_path_factory):
 
 def record(lora_launch, case, rank: int = 0) -> dict:
     out = lora_launch(case.layout)
-    path = os.path.join(out, case.id, f"rank{rank}.json")
-    if not os.path.exists(path):
-        pytest.fail(f"{case.id}: no record from rank {rank}. Worker log tail:\n{lora_launch.log(case.layout)[-5000:]}")
-    with open(path) as f:
-        result = json.load(f)
-    if case.sequence_parallel and not result["ok"] and "sequence parallel not supported" in result["error"]:
-        pytest.skip(f"the model does not load with sequence_parallel=True here: {result['error']}")
-    if not case.kind.startswith("error") and not result["ok"]:
-        pytest.fail(f"{case.id} raised on rank {rank}:\n{result['traceback']}")
-    tensors_path = os.path.join(out, case.id, f"rank{rank}.pt")
-    result["tensors"] = torch.load(tensors_path) if os.path.exists(tensors_path) else {}
-    result["folder"] = os.path.join(out, case.id)
-    return result
+    return case_record(out, case, rank, lora_launch.log(case.layout))
 
 
 # ---- the oracle ---------------------------------------------------------------------------------
@@ -102,12 +77,6 @@ def hf_peft(lora_root, checkpoint: str, adapter_folder: str, dtype: str = "float
     return PeftModel.from_pretrained(hf_base(lora_root, checkpoint, dtype), adapter_folder, **kwargs)
 
 
-def hf_logits(model, vocab_size: int) -> torch.Tensor:
-    batch = make_inputs(vocab_size)
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
 def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     valid = make_inputs(expected.shape[-1])["attention_mask"].bool()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
@@ -115,15 +84,6 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, what: str)
     tol = LOGITS_TOL[str(expected.dtype).removeprefix("torch.")]
     diff = (actual.float() - expected.float())[valid].abs().max().item()
     assert diff <= tol, f"{what}: max |logits - HF peft| = {diff:.3g} > {tol:g}"
-
-
-def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        tensors.update(load_file(path))
-    return tensors
 
 
 # ---- HF adapter -> megatron ---------------------------------------------------------------------

@@ -16,9 +16,7 @@ import functools
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -27,9 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_lora_moe_worker import (  # noqa: E402
     ALPHA, ATTENTION, CASES, EXPERT_ADAPTER_TARGETS, EXPORT_TARGETS, LAYOUTS, RANKS, R, adapter_deltas, adapter_path,
-    make_inputs, merge_into_hf, merged_reference, prepare, reference_gradients,
+    hf_projection_shapes, make_inputs, merge_into_hf, merged_reference, prepare, reference_gradients,
 )
-from launching import free_port  # noqa: E402
+from dist_lora_worker import case_record, hf_logits, parametrize_cases, read_safetensors  # noqa: E402
+from launching import launch  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_lora_moe_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -39,9 +38,7 @@ MERGE_TOL = 1e-6  # merged weights: the same fp32 sum, B·A computed in a differ
 NUM_EXPERTS = 4
 
 
-def cases(kind_prefix: str, where=lambda case: True):
-    chosen = [case for case in CASES if case.kind.startswith(kind_prefix) and where(case)]
-    return pytest.mark.parametrize("case", chosen, ids=[case.id for case in chosen])
+cases = functools.partial(parametrize_cases, CASES)
 
 
 @pytest.fixture(scope="session")
@@ -55,33 +52,13 @@ def moe_root(tmp_path_factory) -> str:
 def moe_launch(moe_root, tmp_path_factory):
     """Runs the worker once (every case, every layout); returns (output folder, log)."""
     out = str(tmp_path_factory.mktemp("lora-moe"))
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", WORKER, moe_root, out]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    start = time.time()
-    try:
-        proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=LAUNCH_TIMEOUT_S)
-        log = proc.stdout + f"\n[exit {proc.returncode} after {time.time() - start:.0f}s]"
-    except subprocess.TimeoutExpired as err:
-        log = str(err.stdout or "") + f"\n[timed out after {LAUNCH_TIMEOUT_S}s]"
+    _, log = launch(WORKER, [moe_root, out], RANKS, LAUNCH_TIMEOUT_S, os.path.join(out, "worker.log"))
     return out, log
 
 
 def record(moe_launch, case, rank: int = 0) -> dict:
     out, log = moe_launch
-    path = os.path.join(out, case.id, f"rank{rank}.json")
-    if not os.path.exists(path):
-        pytest.fail(f"{case.id}: no record from rank {rank}. Worker log tail:\n{log[-5000:]}")
-    with open(path) as f:
-        result = json.load(f)
-    if not case.kind.startswith("error") and not result["ok"]:
-        pytest.fail(f"{case.id} raised on rank {rank}:\n{result['traceback']}")
-    tensors_path = os.path.join(out, case.id, f"rank{rank}.pt")
-    result["tensors"] = torch.load(tensors_path) if os.path.exists(tensors_path) else {}
-    result["folder"] = os.path.join(out, case.id)
-    return result
+    return case_record(out, case, rank, log)
 
 
 # ---- the oracle ---------------------------------------------------------------------------------
@@ -95,12 +72,6 @@ def hf_peft(root, checkpoint: str, adapter_folder: str):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(hf_base(root, checkpoint), adapter_folder).eval()
-
-
-def hf_logits(model, vocab_size: int) -> torch.Tensor:
-    batch = make_inputs(vocab_size)
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 # Cached: several cases share a checkpoint and adapter, and HF loads dominate this file's time.
@@ -143,34 +114,6 @@ def logits_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_logits_close(actual, expected, what: str) -> None:
     diff = logits_diff(actual, expected)
     assert diff <= LOGITS_TOL, f"{what}: max |logits - reference| = {diff:.3g} > {LOGITS_TOL:g}"
-
-
-def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
-    import glob
-
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        tensors.update(load_file(path))
-    return tensors
-
-
-def hf_projection_shapes(hf_model, targets) -> dict[str, tuple[int, int]]:
-    """HF module path -> (out, in) of every projection named in `targets`, per expert for fused experts."""
-    shapes = {}
-    for name, module in hf_model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            shapes[name] = (module.out_features, module.in_features)
-        gate_up = getattr(module, "gate_up_proj", None)
-        if isinstance(gate_up, torch.nn.Parameter) and gate_up.dim() == 3:
-            experts, double, hidden = gate_up.shape
-            for e in range(experts):
-                for proj, shape in (("gate_proj", (double // 2, hidden)), ("up_proj", (double // 2, hidden)),
-                                    ("down_proj", (hidden, double // 2))):
-                    if proj in targets:
-                        shapes[f"{name}.{e}.{proj}"] = shape
-    return shapes
 
 
 @functools.lru_cache(maxsize=None)

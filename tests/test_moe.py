@@ -16,9 +16,7 @@ import glob
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -27,7 +25,7 @@ from safetensors import safe_open
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_moe_worker import CHECKPOINTS, ERRORS, LAYOUTS, MTP_LAYER, PARITY, build_checkpoints, make_batch  # noqa: E402
-from launching import free_port
+from launching import launch  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_moe_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -57,23 +55,8 @@ def moe_launch(moe_checkpoints, tmp_path_factory):
         if layout in cache:
             return cache[layout]
         out = str(tmp_path_factory.mktemp(f"moe-{layout}"))
-        world = LAYOUTS[layout]["world"]
-        command = [sys.executable, WORKER, layout, moe_checkpoints, out]
-        if world > 1:
-            command = [
-                sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *command[1:],
-            ]
-        launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-        env = {k: v for k, v in os.environ.items() if k not in launcher}
-        env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        start = time.time()
-        try:
-            proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  timeout=LAUNCH_TIMEOUT_S)
-            log = f"exit {proc.returncode} after {time.time() - start:.0f}s\n{proc.stdout}"
-        except subprocess.TimeoutExpired as err:
-            log = f"timed out after {LAUNCH_TIMEOUT_S}s\n{err.stdout or ''}"
+        _, log = launch(WORKER, [layout, moe_checkpoints, out], LAYOUTS[layout]["world"], LAUNCH_TIMEOUT_S,
+                        os.path.join(out, "worker.log"))
         cache[layout] = (out, log)
         return cache[layout]
 

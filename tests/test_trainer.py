@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_trainer_worker as W  # noqa: E402
-from launching import free_port
+import launching  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_trainer_worker.py")
 LAUNCH_TIMEOUT_S = 420
@@ -49,28 +47,9 @@ def launch(trainer_checkpoints, tmp_path_factory):
     def get(name: str) -> str:
         if name not in done:
             out = str(tmp_path_factory.mktemp(f"trainer-{name}"))
-            world = W.LAUNCHES[name]["world"]
-            command = [WORKER, name, trainer_checkpoints, out]
-            if world == 1:
-                command = [sys.executable] + command
-            else:
-                command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}"] + command
-            env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                       TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(key, None)
-            start = time.time()
-            try:
-                proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      timeout=LAUNCH_TIMEOUT_S)
-                with open(os.path.join(out, "worker.log"), "w") as f:  # the whole log, for a failure's post-mortem
-                    f.write(proc.stdout)
-                log = f"exit {proc.returncode} after {time.time() - start:.0f}s (log: {out}/worker.log)\n{proc.stdout[-8000:]}"
-            except subprocess.TimeoutExpired as err:
-                text = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-                log = f"timed out after {LAUNCH_TIMEOUT_S}s\n{text[-8000:]}"
-            done[name] = (out, log)
+            _, log = launching.launch(WORKER, [name, trainer_checkpoints, out], W.LAUNCHES[name]["world"],
+                                      LAUNCH_TIMEOUT_S, os.path.join(out, "worker.log"))
+            done[name] = (out, log[-8000:])
         return done[name]
 
     return get
@@ -78,17 +57,7 @@ def launch(trainer_checkpoints, tmp_path_factory):
 
 def record_of(launch, run: str) -> tuple[dict, str]:
     out, log = launch(RUNS[run][0])
-    path = os.path.join(out, run, "record.json")
-    if not os.path.exists(path):
-        crashes = [f for f in os.listdir(os.path.join(out, run))] if os.path.isdir(os.path.join(out, run)) else []
-        details = ""
-        for crash in crashes:
-            if crash.startswith("crash"):
-                with open(os.path.join(out, run, crash)) as f:
-                    details += json.load(f)["crashed"]
-        pytest.fail(f"{run}: no record.\n{details}\nworker log:\n{log}")
-    with open(path) as f:
-        return json.load(f), os.path.join(out, run)
+    return launching.worker_record(out, run, log), os.path.join(out, run)
 
 
 @pytest.fixture(scope="session")
@@ -194,12 +163,9 @@ def test_resume_with_another_data_parallel_size(launch, trainer_checkpoints, tmp
     """A dp=2 checkpoint resumes in a world of one (dp=1, per-device batch doubled): same global batches."""
     record, folder = record_of(launch, "dp2")
     checkpoint = os.path.join(folder, "train", "checkpoint-2")
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, WORKER, "resume-dp1", trainer_checkpoints, str(tmp_path), checkpoint], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stdout[-6000:]
+    returncode, log = launching.launch(WORKER, ["resume-dp1", trainer_checkpoints, str(tmp_path), checkpoint], 1,
+                                       LAUNCH_TIMEOUT_S, str(tmp_path / "worker.log"))
+    assert returncode == 0, log[-6000:]
     with open(tmp_path / "record.json") as f:
         resumed = json.load(f)["resumed"]
     assert resumed["steps"] == [1, 2, 3, 4]

@@ -17,12 +17,9 @@ Worker: tests/dist_trainer_moe_worker.py, one launch per world size.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -31,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_trainer_moe_worker as M  # noqa: E402
 import dist_trainer_worker as W  # noqa: E402
-from launching import free_port  # noqa: E402
+import launching  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_trainer_moe_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -55,26 +52,9 @@ def launch(moe_root, tmp_path_factory):
     def get(name: str) -> tuple[str, str]:
         if name not in done:
             out = str(tmp_path_factory.mktemp(f"trainer-moe-{name}"))
-            world = M.LAUNCHES[name]["world"]
-            command = [WORKER, name, moe_root, out]
-            if world == 1:
-                command = [sys.executable] + command
-            else:
-                command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--nnodes=1",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}"] + command
-            env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                       TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(key, None)
-            start = time.time()
-            try:
-                proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      timeout=LAUNCH_TIMEOUT_S)
-                log = f"exit {proc.returncode} after {time.time() - start:.0f}s\n{proc.stdout[-8000:]}"
-            except subprocess.TimeoutExpired as err:
-                text = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-                log = f"timed out after {LAUNCH_TIMEOUT_S}s\n{text[-8000:]}"
-            done[name] = (out, log)
+            _, log = launching.launch(WORKER, [name, moe_root, out], M.LAUNCHES[name]["world"], LAUNCH_TIMEOUT_S,
+                                      os.path.join(out, "worker.log"))
+            done[name] = (out, log[-8000:])
         return done[name]
 
     return get
@@ -82,17 +62,7 @@ def launch(moe_root, tmp_path_factory):
 
 def read(launch, run: str, name: str = "record.json") -> dict:
     out, log = launch(RUNS[run][0])
-    path = os.path.join(out, run, name)
-    if not os.path.exists(path):
-        details = ""
-        folder = os.path.join(out, run)
-        for crash in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if crash.startswith("crash"):
-                with open(os.path.join(folder, crash)) as f:
-                    details += json.load(f)["crashed"]
-        pytest.fail(f"{run}: no {name}.\n{details}\nworker log:\n{log}")
-    with open(path) as f:
-        return json.load(f)
+    return launching.worker_record(out, run, log, name)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,8 @@ runs that save checkpoint-2 and resume those checkpoints at other layouts:
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -27,19 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_trainer_reshard_worker as R  # noqa: E402
 import dist_trainer_worker as W  # noqa: E402
-from launching import free_port  # noqa: E402
+import launching  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_trainer_reshard_worker.py")
 LAUNCH_TIMEOUT_S = 300
 FP32_RTOL = 1e-6
-
-
-def _env() -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -54,35 +43,16 @@ def outputs(tmp_path_factory) -> tuple[str, str]:
     make_tiny_checkpoint(os.path.join(root, "qwen3_moe"), "qwen3_moe")
     out = str(tmp_path_factory.mktemp("reshard"))
     logs = ""
-    for launch, command in (
-        ("pairs", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                   "--master_addr=127.0.0.1", f"--master_port={free_port()}"]),
-        ("single", [sys.executable]),
-    ):
-        start = time.time()
-        try:
-            proc = subprocess.run(command + [WORKER, launch, root, out], env=_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, timeout=LAUNCH_TIMEOUT_S)
-            logs += f"--- {launch}: exit {proc.returncode} after {time.time() - start:.0f}s\n{proc.stdout[-6000:]}\n"
-        except subprocess.TimeoutExpired as err:
-            text = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-            logs += f"--- {launch}: timed out after {LAUNCH_TIMEOUT_S}s\n{text[-6000:]}\n"
+    for launch, world in (("pairs", 2), ("single", 1)):
+        _, log = launching.launch(WORKER, [launch, root, out], world, LAUNCH_TIMEOUT_S,
+                                  os.path.join(out, f"{launch}.log"))
+        logs += f"--- {launch}:\n{log[-6000:]}\n"
     return out, logs
 
 
 def record(outputs, run: str) -> dict:
     out, logs = outputs
-    path = os.path.join(out, run, "record.json")
-    if not os.path.exists(path):
-        details = ""
-        folder = os.path.join(out, run)
-        for crash in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if crash.startswith("crash"):
-                with open(os.path.join(folder, crash)) as f:
-                    details += json.load(f)["crashed"]
-        pytest.fail(f"{run}: no record.\n{details}\n{logs}")
-    with open(path) as f:
-        return json.load(f)
+    return launching.worker_record(out, run, logs)
 
 
 def checkpoint(outputs, run: str) -> str:
