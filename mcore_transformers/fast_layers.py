@@ -124,15 +124,23 @@ class FastRowParallelLinear(RowParallelLinear):
             return super().forward(input_)
         if not self.input_is_parallel and parallel:
             input_ = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        output = torch.matmul(input_, self.weight.t())
-        if parallel and not self.explicit_expert_comm:
-            if self.sequence_parallel:
-                output = reduce_scatter_to_sequence_parallel_region(output, group=self.tp_group)
-            else:
-                output = reduce_from_tensor_model_parallel_region(output, group=self.tp_group)
-        if self.skip_bias_add:
-            return output, self.bias
-        return (output + self.bias if self.bias is not None else output), None
+        return finish_row_parallel(self, torch.matmul(input_, self.weight.t()))
+
+
+def finish_row_parallel(linear: RowParallelLinear, partial: torch.Tensor):
+    """(output, bias) of a row-parallel linear from this rank's partial product, as megatron finishes it.
+
+    Summed over TP (reduce-scatter under sequence parallelism; not for experts, whose dispatcher
+    communicates, nor at tp=1), then the bias added unless the linear skips it.
+    """
+    if _tp_size(linear.tp_group) > 1 and not linear.explicit_expert_comm:
+        if linear.sequence_parallel:
+            partial = reduce_scatter_to_sequence_parallel_region(partial, group=linear.tp_group)
+        else:
+            partial = reduce_from_tensor_model_parallel_region(partial, group=linear.tp_group)
+    if linear.skip_bias_add:
+        return partial, linear.bias
+    return (partial + linear.bias if linear.bias is not None else partial), None
 
 
 # ---- rotary ------------------------------------------------------------------------------------

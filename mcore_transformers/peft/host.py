@@ -29,12 +29,12 @@ from megatron.core.tensor_parallel import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     get_cuda_rng_tracker,
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..fast_layers import finish_row_parallel
 
 
 class _SumGradients(torch.autograd.Function):
@@ -226,15 +226,7 @@ class LoraHost:
         x = input_ if linear.input_is_parallel else scatter_to_tensor_model_parallel_region(input_, group=linear.tp_group)
         partial = F.linear(x, linear.weight)
         partial = partial + self._row_delta(x, active).to(partial.dtype)
-        if linear.explicit_expert_comm:
-            output = partial
-        elif linear.sequence_parallel:
-            output = reduce_scatter_to_sequence_parallel_region(partial, group=linear.tp_group)
-        else:
-            output = reduce_from_tensor_model_parallel_region(partial, group=linear.tp_group)
-        if linear.skip_bias_add:
-            return output, linear.bias
-        return (output + linear.bias if linear.bias is not None else output), None
+        return finish_row_parallel(linear, partial)
 
     def _row_delta(self, x: torch.Tensor, active) -> torch.Tensor:
         weights = self._weights(active)
