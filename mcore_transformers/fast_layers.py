@@ -6,8 +6,9 @@ activation offloading, recompute, cross attention, packed sequences and flash de
 local attention core repeats KV heads and copies the whole KV cache at every decode step. On CPU,
 per decoded token, that Python and copying cost as much as a small model's matmuls.
 
-These subclasses keep megatron's modules, weights and arithmetic (results are bit-identical) and
-take a short path when a module is in eval mode and none of those features is configured:
+These subclasses keep megatron's modules, weights and arithmetic (bit-identical results; the attention
+core is the exception: it computes what transformers computes, with torch's sdpa) and take a short
+path when a module is in eval mode and none of those features is configured:
 
 - `FastColumnParallelLinear` / `FastRowParallelLinear`: without autograd, matmul + the TP
   communication only; at tp=1 (no communication) in training too, differentiated by torch.
