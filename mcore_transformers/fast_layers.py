@@ -41,6 +41,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.utils import deprecate_inference_params
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -154,13 +155,10 @@ def rotary_cos_sin(angles: torch.Tensor, mscale: float, dtype: torch.dtype) -> t
 def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """megatron's unfused, non-interleaved rotary with precomputed cos / sin: the same arithmetic."""
     rot_dim = cos.shape[-1]
-    if rot_dim == t.shape[-1]:
-        x1, x2 = torch.chunk(t, 2, dim=-1)
-        return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
     t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
     x1, x2 = torch.chunk(t, 2, dim=-1)
     t = (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
-    return torch.cat((t, t_pass), dim=-1)
+    return torch.cat((t, t_pass), dim=-1) if t_pass.shape[-1] else t  # (megatron copies an empty t_pass in)
 
 
 def _step_cos_sin(angles: torch.Tensor, start: int, end: int, mscale: float, dtype: torch.dtype):
@@ -189,7 +187,9 @@ class RotaryCachedSelfAttention(SelfAttention):
     def _lean(self, inference_context, key_value_states, packed_seq_params) -> bool:
         config = self.config
         return not (
-            (self.training and (self.checkpoint_core_attention or inference_context is not None))
+            # recomputed core attention (train mode) is megatron's; with a KV cache it is always lean, so
+            # every step caches keys the same way (rotated)
+            (self.training and self.checkpoint_core_attention and inference_context is None)
             or key_value_states is not None
             or packed_seq_params is not None
             or (inference_context is not None and not inference_context.is_static_batching())
@@ -207,11 +207,11 @@ class RotaryCachedSelfAttention(SelfAttention):
     def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                 attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
-        if inference_params is not None or not self._lean(inference_context, key_value_states, packed_seq_params):
+        inference_context = deprecate_inference_params(inference_context, inference_params)
+        if not self._lean(inference_context, key_value_states, packed_seq_params):
             return super().forward(
                 hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb, rotary_pos_cos,
                 rotary_pos_sin, rotary_pos_cos_sin, attention_bias, packed_seq_params, sequence_len_offset,
-                inference_params=inference_params,
             )
         query, key, value = self.get_query_key_value_tensors(hidden_states)
         if rotary_pos_emb is not None:
@@ -222,46 +222,14 @@ class RotaryCachedSelfAttention(SelfAttention):
             query, key = rotate(query, cos, sin), rotate(key, cos, sin)
         attn_mask_type = self.attn_mask_type
         if inference_context is not None:
-            query, key, value, _, attn_mask_type, _ = SelfAttention._adjust_key_value_for_inference(
-                self, inference_context, query, key, value, None
+            query, key, value, _, attn_mask_type, _ = self._adjust_key_value_for_inference(
+                inference_context, query, key, value, None
             )
         context = self.core_attention(
             query, key, value, attention_mask, attn_mask_type=attn_mask_type, attention_bias=attention_bias,
             packed_seq_params=None,
         )
         return self.linear_proj(context)
-
-    def _adjust_key_value_for_inference(
-        self, inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos=None, rotary_pos_sin=None,
-        rotary_pos_cos_sin=None, sequence_len_offset=None, *, inference_params=None,
-    ):
-        # megatron's own forward with a cache (train mode): cache rotated keys here too, so a cache
-        # filled by either path holds the same thing.
-        config = self.config
-        if (
-            inference_context is None
-            or rotary_pos_emb is None
-            or not inference_context.is_static_batching()
-            or config.flash_decode
-            or config.apply_rope_fusion
-            or config.rotary_interleaved
-            or self.pg_collection.cp.size() > 1
-        ):
-            return super()._adjust_key_value_for_inference(
-                inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
-                rotary_pos_cos_sin, sequence_len_offset, inference_params=inference_params,
-            )
-        start = inference_context.sequence_len_offset
-        cos, sin = _step_cos_sin(
-            rotary_pos_emb[0], start, start + key.size(0), _yarn_get_concentration_factor_from_config(config),
-            query.dtype,
-        )
-        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
-        query, key, value, _, attn_mask_type, block_table = super()._adjust_key_value_for_inference(
-            inference_context, query, key, value, None, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
-            sequence_len_offset,
-        )
-        return query, key, value, None, attn_mask_type, block_table
 
 
 class SdpaDotProductAttention(MaskedRowsDotProductAttention):

@@ -221,13 +221,11 @@ class MCoreTrainer(Trainer):
         # the micro-batch count nor average over data-parallel replicas (it sums).
         config.calculate_per_token_loss = True
         if self.args.bf16 and mcore.dtype == torch.float32:
-            logger.warning(
+            _cast_chunks(mcore, torch.bfloat16, (
                 "bf16=True: MCoreTrainer casts the model to bfloat16 and keeps fp32 master weights in the optimizer "
                 "(megatron-core mixed precision); the model stays in bfloat16 after training. Load it with "
                 "dtype=torch.bfloat16 to skip this cast."
-            )
-            for chunk in mcore.chunks:
-                chunk.to(torch.bfloat16)
+            ))
             config.params_dtype = config.pipeline_dtype = torch.bfloat16
             config.bf16 = True
         if self.args.fp16:
@@ -237,12 +235,10 @@ class MCoreTrainer(Trainer):
                     "to float16 with fp32 master weights) or torch.float16, or train with bf16=True."
                 )
             if mcore.dtype == torch.float32:
-                logger.warning(
+                _cast_chunks(mcore, torch.float16, (
                     "fp16=True: MCoreTrainer casts the model to float16, keeps fp32 master weights in the optimizer and "
                     "scales the loss dynamically; the model stays in float16 after training."
-                )
-                for chunk in mcore.chunks:
-                    chunk.to(torch.float16)
+                ))
             config.params_dtype = config.pipeline_dtype = torch.float16
             config.fp16 = True
             config.grad_scale_func = self.accelerator.scaler.scale  # megatron's schedule: backward of loss × scale
@@ -530,6 +526,13 @@ class MCoreTrainer(Trainer):
             with torch.no_grad():
                 for param, target in zip(self._grads.params, self._grads.targets):
                     target.copy_(param)
+
+
+def _cast_chunks(mcore: MCoreModelForCausalLM, dtype: torch.dtype, warning: str) -> None:
+    """Mixed precision: the model's weights in `dtype` (the optimizer keeps fp32 masters), said once."""
+    logger.warning(warning)
+    for chunk in mcore.chunks:
+        chunk.to(dtype)
 
 
 def _barrier() -> None:
