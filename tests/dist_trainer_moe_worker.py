@@ -31,7 +31,8 @@ CHECKPOINTS = {
 
 # launch -> world size and runs: (name, checkpoint, from_pretrained kwargs, dp, extra)
 #   extra: aux (config.output_router_logits), args (TrainingArguments overrides), plain (transformers.Trainer),
-#          inject_inf (rank that gets an inf gradient at the second optimizer step), tolerance
+#          inject_inf (rank that gets an inf gradient at the second optimizer step), tolerance,
+#          trainer (MCoreTrainer keyword arguments)
 LAUNCHES: dict[str, dict] = {
     "single": dict(world=1, runs=[
         ("ce", "qwen3_moe", {}, 1, {}),
@@ -44,11 +45,12 @@ LAUNCHES: dict[str, dict] = {
         ("ep2-aux", "qwen3_moe", dict(ep=2), 2, {"aux": True}),  # experts split; two data-parallel replicas
         # megatron trains MoE under tp only with sequence parallelism: each rank routes half the sequence
         ("tp2sp-aux", "qwen3_moe", dict(tp=2, sequence_parallel=True), 1, {"aux": True}),
-        # fp16: rank 1's gradient overflows at step 2; with the default fused AdamW and with adamw_torch
+        # fp16: rank 1's gradient overflows at step 2; with megatron's optimizer (its loss scaler) and with
+        # transformers' torch AdamW (torch's GradScaler semantics, agreed over ranks)
         ("tp2sp-fp16-inf", "qwen3_moe", dict(tp=2, sequence_parallel=True), 1,
          {"args": {"fp16": True}, "inject_inf": 1}),
-        ("tp2sp-fp16-inf-unfused", "qwen3_moe", dict(tp=2, sequence_parallel=True), 1,
-         {"args": {"fp16": True, "optim": "adamw_torch"}, "inject_inf": 1}),
+        ("tp2sp-fp16-inf-torch-optimizer", "qwen3_moe", dict(tp=2, sequence_parallel=True), 1,
+         {"args": {"fp16": True, "optim": "adamw_torch"}, "inject_inf": 1, "trainer": {"megatron_optimizer": False}}),
     ]),
 }
 
@@ -86,9 +88,13 @@ def run(name: str, checkpoint: str, layout: dict, dp: int, extra: dict, root: st
 
     class Watch(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            scaler = trainer.accelerator.scaler
-            steps["scale"].append(scaler.get_scale() if scaler is not None else None)
-            steps["overflow"].append(getattr(scaler, "found_overflow", None))
+            optimizer, scaler = getattr(trainer, "_megatron_optimizer", None), trainer.accelerator.scaler
+            if optimizer is not None:  # megatron's optimizer scales the loss itself
+                steps["scale"].append(optimizer.loss_scale())
+                steps["overflow"].append(optimizer.skipped)
+            else:
+                steps["scale"].append(scaler.get_scale() if scaler is not None else None)
+                steps["overflow"].append(getattr(scaler, "found_overflow", None))
             steps["skipped"].append(bool(trainer.accelerator.optimizer_step_was_skipped))
             steps["fingerprint"].append(fingerprint(model))
 
@@ -97,11 +103,16 @@ def run(name: str, checkpoint: str, layout: dict, dp: int, extra: dict, root: st
             # The second optimizer step: one rank's (scaled) gradient overflows, the other's does not.
             if self.state.global_step == 1 and rank() == extra["inject_inf"]:
                 with torch.no_grad():
-                    self._grads.targets[0].grad.view(-1)[0] = float("inf")
+                    if self._megatron_optimizer is not None:  # the reduced gradient buffer megatron reads
+                        next(p for p in self._mcore.chunks[0].parameters() if p.requires_grad).main_grad.view(-1)[0] = float("inf")
+                    else:
+                        self._grads.targets[0].grad.view(-1)[0] = float("inf")
             return super()._clip_grad_norm(model_)
 
     trainer_class = Trainer if extra.get("plain") else InjectInf if "inject_inf" in extra else MCoreTrainer
-    trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation, callbacks=[Watch()])
+    options = {} if extra.get("plain") else extra.get("trainer", {})
+    trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation, callbacks=[Watch()],
+                            **options)
     trainer.train()
     record = {"checkpoint": checkpoint, "aux": bool(extra.get("aux")), "train": W.history(trainer),
               "dtype": str(model.dtype), "eval_loss": trainer.evaluate()["eval_loss"]}

@@ -173,7 +173,15 @@ def test_resume_with_another_data_parallel_size(launch, trainer_checkpoints, tmp
     torch.testing.assert_close(resumed["grad_norm"], record["train"]["grad_norm"], rtol=1e-5, atol=0)
 
 
-def test_checkpoint_holds_hf_weights_and_training_state(launch):
+def dist_checkpoint_tensors(checkpoint: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    folder = os.path.join(checkpoint, "mcore_state", "dist_ckpt")
+    assert dist_checkpointing.check_is_distributed_checkpoint(folder)
+    return dist_checkpointing.load_tensors_metadata(folder)
+
+
+def test_checkpoint_holds_hf_weights_and_megatron_dist_checkpoint(launch):
     from transformers import AutoModelForCausalLM
 
     _, folder = record_of(launch, "tp2")
@@ -181,18 +189,25 @@ def test_checkpoint_holds_hf_weights_and_training_state(launch):
     entries = set(os.listdir(checkpoint))
     assert {"config.json", "model.safetensors", "trainer_state.json", "scheduler.pt", "training_args.bin"} <= entries
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= entries
-    state = set(os.listdir(os.path.join(checkpoint, "mcore_state")))
-    assert {"layout.json", "mp_rank_00_000_000.pt", "mp_rank_01_000_000.pt"} <= state
+    assert {"layout.json", "dist_ckpt"} <= set(os.listdir(os.path.join(checkpoint, "mcore_state")))
     with open(os.path.join(checkpoint, "mcore_state", "layout.json")) as f:
-        assert json.load(f)["tp"] == 2
+        layout = json.load(f)
+    assert (layout["tp"], layout["optimizer"]) == (2, "megatron")
+    # megatron-core's format: tensors under their global shapes (written from two TP halves), AdamW moments beside
+    tensors = dist_checkpoint_tensors(checkpoint)
+    hidden, intermediate = 64, 128
+    assert tensors["decoder.layers.mlp.linear_fc1.weight"].global_shape[-2:] == (2 * intermediate, hidden)
+    assert tensors["optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight"].global_shape[-2:] == (
+        2 * intermediate, hidden)
     AutoModelForCausalLM.from_pretrained(checkpoint)  # a checkpoint is also a plain HF model folder
 
 
 def test_bf16_is_megatron_mixed_precision(launch):
     record, folder = record_of(launch, "tp1-bf16")
     assert record["dtype"] == "torch.bfloat16"  # the model computes in bf16; the optimizer holds fp32 masters
-    state = torch.load(os.path.join(folder, "train", "checkpoint-2", "mcore_state", "mp_rank_00_000_000.pt"))
-    assert state["masters"] is not None and all(t.dtype == torch.float32 for t in state["masters"])
+    tensors = dist_checkpoint_tensors(os.path.join(folder, "train", "checkpoint-2"))
+    assert tensors["embedding.word_embeddings.weight"].dtype == torch.bfloat16
+    assert tensors["optimizer.state.fp32_param.embedding.word_embeddings.weight"].dtype == torch.float32
 
 
 def test_activation_checkpointing_is_megatron_recompute(launch):

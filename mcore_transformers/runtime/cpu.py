@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -166,3 +167,64 @@ def enable_cpu_training_support() -> None:
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: None
     mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _training_applied = True
+
+
+def _is_cuda(device) -> bool:
+    return device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda") or (
+        isinstance(device, str) and device.startswith("cuda:")
+    )
+
+
+class _MegatronOptimizerOnCpu(TorchFunctionMode):
+    """While active, megatron-core's optimizer code runs on a CPU-only torch.
+
+    Bridges optimizer/{optimizer,distrib_optimizer,clip_grads,grad_scaler}.py, which (0.16) allocate
+    their flags, norms and loss scale with `device="cuda"` / `torch.cuda.current_device()`, move
+    state with `.cuda()`, and accept parameters only if `param.type()` names a CUDA tensor type
+    ("torch.cuda.FloatTensor", ...). Within the mode: a CUDA device argument means the CPU, `.cuda()`
+    is the tensor itself, and `.type()` of a CPU tensor reads as its CUDA twin. Scoped to the
+    optimizer's own calls (construction, step, state dicts), never global.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def megatron_optimizer_device():
+    """Context for calls into megatron-core's optimizer: the CPU bridge above without CUDA, nothing with it."""
+    return contextlib.nullcontext() if torch.cuda.is_available() else _MegatronOptimizerOnCpu()
+
+
+_fallback_bridged = False
+
+
+def bridge_torch_optimizer_checkpointing() -> None:
+    """Bridges optimizer/distrib_optimizer.py when neither Transformer Engine nor Apex is installed. Idempotent.
+
+    megatron then steps torch's AdamW, which keeps a per-parameter `step` in its state. Loading a
+    "fully_reshardable" distributed-optimizer checkpoint restores that step from the saved param
+    groups (load_state_dict, "non-Apex/TE support"), then copies each saved state tensor into the
+    live one for every key of the live state, `step` included, which the checkpoint does not
+    hold as a tensor: KeyError. The copy skips what the checkpoint does not have.
+    """
+    global _fallback_bridged
+    from megatron.core.optimizer import distrib_optimizer
+
+    if _fallback_bridged or getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
+    original = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_saved_states(self, model_param, tensors):
+        live = self._get_main_param_and_optimizer_states(model_param)
+        return original(self, model_param, {**{k: v for k, v in live.items() if k not in tensors}, **tensors})
+
+    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = set_saved_states
+    _fallback_bridged = True

@@ -1,12 +1,20 @@
 """The MCoreTrainer checkpoint folder: what a sharded model adds to transformers' `checkpoint-N/`, and
-which way a resume goes (the per-position files at the saved layout, or resharding: reshard.py).
+which way a resume goes.
 
 A `checkpoint-N/` folder written by MCoreTrainer holds what transformers' Trainer writes (an HF model
 folder that `AutoModelForCausalLM` loads — or, for a PEFT model, an HF adapter folder —
-`trainer_state.json`, `scheduler.pt`, `rng_state_*.pth`, `training_args.bin`) plus:
+`trainer_state.json`, `scheduler.pt`, `rng_state_*.pth`, `training_args.bin`) plus `mcore_state/`:
 
-    mcore_state/
-      layout.json                      tp, pp, vpp, ep, etp, dp, world size, dtype, format version
+    layout.json                        tp, pp, vpp, ep, etp, dp, world size, dtype, optimizer kind, format version
+    rng_rank_{global rank}.pt          megatron's named RNG streams (model-parallel dropout) per rank
+
+and, with megatron-core's optimizer ("megatron" / "megatron-distributed"):
+
+    dist_ckpt/                         megatron-core dist_checkpointing: model + optimizer, resharded on
+                                       load by megatron itself (dist_checkpoint.py)
+
+or, with transformers' torch optimizer ("torch": optimizers megatron lacks, PEFT adapters):
+
       mp_rank_{tp}_{pp}_{ep}.pt        per model-parallel position (written by one data-parallel rank):
                                        {"model": this rank's parameters (adapters too), bit-exact, by name,
                                         "optimizer": the torch optimizer's state_dict,
@@ -14,12 +22,11 @@ folder that `AutoModelForCausalLM` loads — or, for a PEFT model, an HF adapter
       rng_rank_{global rank}.pt        megatron's named RNG streams (model-parallel dropout) per rank
       hf_optimizer/                    the same optimizer state without a layout (reshard.py)
 
-Resuming at the saved tp / pp / vpp / ep / etp reads the per-position files: bit for bit (the
-data-parallel size may change). Resuming at another layout reshards from the HF folder and hf_optimizer/
-(reshard.py). Megatron's RNG streams are then not restored (they belong to rank positions that no longer
-exist): they are reseeded from `args.seed + global_step` with megatron's per-rank offsets (see
-`load_rng_state`). megatron-core's dist_checkpointing (resharding on load) runs on the CPU only with
-further bridges; see docs/training.md.
+Resuming at the saved tp / pp / vpp / ep / etp is bit for bit (the data-parallel size may change).
+At another layout dist_ckpt/ reshards itself; the torch path reshards from the HF folder and
+hf_optimizer/ (reshard.py). Megatron's RNG streams are then not restored (they belong to rank
+positions that no longer exist): they are reseeded from `args.seed + global_step` with megatron's
+per-rank offsets (see `load_rng_state`).
 """
 
 from __future__ import annotations
@@ -34,16 +41,23 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import random as mcore_random
 
 from ..runtime.parallel import seed_parallel_rng
-from . import reshard
+from . import dist_checkpoint, reshard
 from .errors import TrainingError
+from .optimizer import MegatronOptimizerForTrainer
 
 STATE_DIR = "mcore_state"
 LAYOUT_FILE = "layout.json"
-FORMAT_VERSION = 2  # 2: hf_optimizer/ (layout-free optimizer state) and etp in layout.json
+FORMAT_VERSION = 3  # 2: hf_optimizer/ (layout-free optimizer state), etp; 3: optimizer kind, dist_ckpt/
 LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "etp")
 
 
-def describe_layout(model) -> dict:
+def optimizer_kind(optimizer) -> str:
+    if isinstance(optimizer, MegatronOptimizerForTrainer):
+        return "megatron-distributed" if optimizer.megatron.config.use_distributed_optimizer else "megatron"
+    return "torch"
+
+
+def describe_layout(model, optimizer=None) -> dict:
     layout = model.layout
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {
@@ -56,6 +70,7 @@ def describe_layout(model) -> dict:
         "dp": ps.get_data_parallel_world_size(),
         "world_size": world,
         "dtype": str(model.dtype).replace("torch.", ""),
+        "optimizer": optimizer_kind(optimizer),
     }
 
 
@@ -68,6 +83,10 @@ def _position_file(folder: str) -> str:
 
 def _rng_file(folder: str) -> str:
     return os.path.join(folder, STATE_DIR, f"rng_rank_{_rank():05d}.pt")
+
+
+def _dist_dir(folder: str) -> str:
+    return os.path.join(folder, STATE_DIR, dist_checkpoint.DIST_DIR)
 
 
 def _layout_free_dir(folder: str) -> str:
@@ -105,7 +124,11 @@ def save_training_state(folder: str, model, trained, optimizer, grads) -> None:
     os.makedirs(state_dir, exist_ok=True)
     if _rank() == 0:
         with open(os.path.join(state_dir, LAYOUT_FILE), "w") as f:
-            json.dump(describe_layout(model), f, indent=1)
+            json.dump(describe_layout(model, optimizer), f, indent=1)
+    _atomic_save({"tracker": mcore_random.get_cuda_rng_tracker().get_states()}, _rng_file(folder))
+    if isinstance(optimizer, MegatronOptimizerForTrainer):
+        dist_checkpoint.save(_dist_dir(folder), model, optimizer)
+        return
     if _writes_position(model):
         payload = {
             "model": {name: p.detach().clone() for name, p in trained.named_parameters()},
@@ -113,7 +136,6 @@ def save_training_state(folder: str, model, trained, optimizer, grads) -> None:
             "masters": [t.detach().clone() for t in grads.targets] if grads is not None and grads.masters else None,
         }
         _atomic_save(payload, _position_file(folder))
-    _atomic_save({"tracker": mcore_random.get_cuda_rng_tracker().get_states()}, _rng_file(folder))
     if grads is not None:
         reshard.save_layout_free_state(_layout_free_dir(folder), model, trained, optimizer, grads, FORMAT_VERSION)
     _barrier()
@@ -136,6 +158,7 @@ def _saved_layout(folder: str) -> dict:
     with open(os.path.join(folder, STATE_DIR, LAYOUT_FILE)) as f:
         saved = json.load(f)
     saved.setdefault("etp", saved.get("tp"))  # format 1 did not record it: the default, tp
+    saved.setdefault("optimizer", "torch")  # formats 1-2: transformers' optimizer only
     return saved
 
 
@@ -143,6 +166,21 @@ def same_layout(folder: str, model) -> bool:
     """Whether `folder` was saved at this model's tp / pp / vpp / ep / etp (its per-position files fit)."""
     saved, current = _saved_layout(folder), describe_layout(model)
     return all(saved.get(k) == current[k] for k in LAYOUT_KEYS)
+
+
+def _check_optimizer_kind(folder: str, optimizer) -> None:
+    saved, current = _saved_layout(folder)["optimizer"], optimizer_kind(optimizer)
+    if saved != current:
+        switch = {
+            "torch": "MCoreTrainer(megatron_optimizer=False)",
+            "megatron": "MCoreTrainer(megatron_optimizer=True, distributed_optimizer=False)",
+            "megatron-distributed": "MCoreTrainer(distributed_optimizer=True)",
+        }[saved]
+        raise TrainingError(
+            f"{folder} holds the state of the {saved!r} optimizer; this trainer steps the {current!r} one, whose state "
+            f"is laid out differently. Resume with {switch} (and the same optim), or start a new run from the "
+            "checkpoint's HF weights: MCoreModelForCausalLM.from_pretrained(checkpoint, ...)."
+        )
 
 
 def _layouts(saved: dict, current: dict) -> str:
@@ -184,7 +222,10 @@ def _load_position(folder: str) -> dict:
 @torch.no_grad()
 def load_model_state(folder: str, model, trained) -> None:
     """Copy the saved parameters into `trained` (the model, or its PEFT wrapper): this rank's file at the
-    saved layout (bit-exact), else resharded from the HF folder and hf_optimizer/ (module docstring)."""
+    saved layout (bit-exact), else resharded (module docstring)."""
+    if _saved_layout(folder)["optimizer"] != "torch":
+        dist_checkpoint.load_model(_dist_dir(folder), model)
+        return
     if not same_layout(folder, model):
         reshard.load_model(folder, _layout_free_dir(folder), _reshard_meta(folder, model), model, trained)
         return
@@ -202,6 +243,10 @@ def load_model_state(folder: str, model, trained) -> None:
 
 
 def load_optimizer_state(folder: str, model, trained, optimizer, grads) -> None:
+    _check_optimizer_kind(folder, optimizer)
+    if isinstance(optimizer, MegatronOptimizerForTrainer):
+        dist_checkpoint.load_optimizer(_dist_dir(folder), model, optimizer)
+        return
     if not same_layout(folder, model):
         meta = _reshard_meta(folder, model)
         reshard.load_optimizer(folder, _layout_free_dir(folder), meta, model, trained, optimizer, grads)

@@ -3,13 +3,14 @@
 megatron-core's `DistributedDataParallel` keeps each chunk's gradients in one contiguous buffer
 (`param.main_grad`), reduces it over the data-parallel group in `finalize_model_grads`, and
 all-reduces what TP/PP replicate (tied embeddings across stages, sequence-parallel norms).
-The optimizer is a plain torch optimizer (transformers builds it from the training arguments):
-megatron's `get_megatron_optimizer` allocates CUDA tensors and does not run on the CPU.
+With megatron-core's optimizer (optimizer.py) the gradients go from the buffers to the optimizer
+there; `ShardedGrads` serves the other path, a torch optimizer built by transformers (optimizers
+megatron lacks, PEFT adapters outside megatron's modules).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -22,12 +23,15 @@ from torch import nn
 from ..building import mark_tensor_parallel_weights  # noqa: F401  (re-exported for the trainer)
 
 
-def wrap_chunks(chunks: Iterable[nn.Module], fp32_grads: bool) -> list[DistributedDataParallel]:
-    """One megatron DDP per chunk (virtual stage), replicas made identical from data-parallel rank 0."""
+def wrap_chunks(
+    chunks: Iterable[nn.Module], fp32_grads: bool, distributed_optimizer: bool = False
+) -> list[DistributedDataParallel]:
+    """One megatron DDP per chunk (virtual stage), replicas made identical from data-parallel rank 0.
+    For the distributed optimizer the buffers are reduce-scattered (each rank keeps its shard)."""
     wrapped = []
     for index, chunk in enumerate(chunks):
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=fp32_grads, overlap_grad_reduce=False, use_distributed_optimizer=False
+            grad_reduce_in_fp32=fp32_grads, overlap_grad_reduce=False, use_distributed_optimizer=distributed_optimizer
         )
         ddp = DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
         ddp.broadcast_params()
@@ -37,19 +41,19 @@ def wrap_chunks(chunks: Iterable[nn.Module], fp32_grads: bool) -> list[Distribut
 
 class TrainingModule(nn.Module):
     """What transformers' Trainer holds as its wrapped model while training: the user's model plus the
-    megatron DDP wrappers of its chunks. `zero_grad` clears the grad buffers and the fp32 masters."""
+    megatron DDP wrappers of its chunks. `zero_grad` (`zero`) clears the grad buffers and the optimizer's grads."""
 
-    def __init__(self, model: nn.Module, ddp_chunks: list[DistributedDataParallel], grads: "ShardedGrads"):
+    def __init__(self, model: nn.Module, ddp_chunks: list[DistributedDataParallel], zero: Callable[[], None]):
         super().__init__()
         self.module = model
         self.ddp_chunks = nn.ModuleList(ddp_chunks)
-        self.grads = grads
+        self._zero = zero
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.grads.zero()
+        self._zero()
 
 
 class EvalModule(nn.Module):

@@ -9,14 +9,16 @@ the narrowest hooks:
   forward/backward   megatron's pipeline schedule over micro-batches (1F1B / interleaved; a plain loop
                      at pp=1), loss = sum of token losses / tokens of the optimizer step  `training_step`
   token count        valid labels over the step's batches and data-parallel replicas   `_get_num_items_in_batch`
-  optimizer          transformers' own choice (optim, lr, weight decay, betas, scheduler), stepping on
-                     the reduced grad buffers; fp32 master weights for a bf16/fp16 model `create_optimizer`
-  fp16               dynamic loss scaling (GradScaler semantics), overflow agreed by all ranks
+  optimizer          megatron-core's (optionally distributed) optimizer configured from transformers' optim,
+                     lr, weight decay, betas and driven by its scheduler; fp32 masters for bf16/fp16 and
+                     dynamic fp16 loss scaling. Optimizers megatron lacks (and PEFT adapters) step as
+                     transformers' torch optimizer on the reduced grad buffers          `create_optimizer`
   MoE aux loss       transformers' load-balancing loss when config.output_router_logits  `_router_aux_loss`
   gradient norm      global over shards: TP shards once each, replicated params once   `_clip_grad_norm`
   data               sharded by data-parallel rank; every TP/PP rank of a replica sees the same batch
   evaluation         the same schedule (loss only) or the model's forward (logits), gathered over DP
-  checkpoints        HF folder (full model, loadable by transformers) + per-rank training state
+  checkpoints        HF folder (full model, loadable by transformers) + megatron-core dist_checkpointing
+                     state (model, optimizer; resharded on load) + RNG              checkpoint.py
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .data import (
     truncate_to,
 )
 from .errors import TrainingError
+from . import optimizer as megatron_optimizer
 from .grads import (
     EvalModule,
     ModelParallelGradScaler,
@@ -125,9 +128,15 @@ class MCoreTrainer(Trainer):
     micro_batch_size: rows per pipeline micro-batch. Each per-device batch is cut into
         per_device_batch / micro_batch_size micro-batches that megatron's schedule pipelines. Default:
         1 under pipeline parallelism, the whole per-device batch otherwise.
+    megatron_optimizer: step with megatron-core's optimizer (True), transformers' torch optimizer on
+        megatron's grad buffers (False), or the former whenever megatron has the chosen `optim` (None:
+        adamw_torch / adamw_torch_fused / adamw_apex_fused / sgd, full-model training).
+    distributed_optimizer: shard the optimizer state and fp32 masters over data-parallel ranks
+        (megatron's distributed optimizer; needs megatron_optimizer).
     """
 
-    def __init__(self, model=None, args=None, *trainer_args, micro_batch_size: Optional[int] = None, **kwargs):
+    def __init__(self, model=None, args=None, *trainer_args, micro_batch_size: Optional[int] = None,
+                 megatron_optimizer: Optional[bool] = None, distributed_optimizer: bool = False, **kwargs):
         if model is None:
             raise TrainingError(
                 "MCoreTrainer needs `model` (an MCoreModelForCausalLM); `model_init` is not supported because "
@@ -139,9 +148,12 @@ class MCoreTrainer(Trainer):
         self._mcore = mcore
         self._training_module: Optional[TrainingModule] = None
         self._unscaled = False  # fp16: this step's gradients already divided by the loss scale
-        self._grads: Optional[ShardedGrads] = None
+        self._grads: Optional[ShardedGrads] = None  # the torch-optimizer path's gradient bookkeeping
+        self._megatron_optimizer: Optional[megatron_optimizer.MegatronOptimizerForTrainer] = None
         super().__init__(model, args, *trainer_args, **kwargs)
         self._check_arguments()
+        self.uses_megatron_optimizer = self._choose_optimizer(megatron_optimizer, distributed_optimizer)
+        self.distributed_optimizer = distributed_optimizer
         pp = mcore.layout.pp
         if micro_batch_size is None:
             micro_batch_size = 1 if pp > 1 else self.args.per_device_train_batch_size
@@ -161,7 +173,7 @@ class MCoreTrainer(Trainer):
             )
         self.micro_batch_size = micro_batch_size
         self._step = PipelineStep(mcore)
-        if self.args.fp16:
+        if self.args.fp16 and not self.uses_megatron_optimizer:
             # Dynamic loss scaling with torch's GradScaler semantics, its inf/nan check agreed by every rank.
             # Installed as accelerate's scaler, transformers' loop drives it as for fp16 on a GPU: step and
             # update through accelerate's optimizer, the scheduler held after a skip that accelerate sees
@@ -172,6 +184,23 @@ class MCoreTrainer(Trainer):
             # Trainer.train() calls this for activation_checkpointing=True. transformers' version wraps HF
             # decoder layers; megatron recomputes its own (proposed as a method of the model class).
             mcore.activation_checkpointing_enable = functools.partial(enable_recompute, mcore)
+
+    def _choose_optimizer(self, wanted: Optional[bool], distributed: bool) -> bool:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        in_chunks = {id(p) for chunk in self._mcore.chunks for p in chunk.parameters()}
+        outside = any(id(p) not in in_chunks for p in trainable)
+        reason = megatron_optimizer.megatron_optimizer_unsupported(self.args, outside)
+        if self.optimizer is not None:
+            reason = "an optimizer was passed in (optimizers=...)"
+        if reason is not None and (wanted or distributed):
+            raise TrainingError(
+                f"megatron-core's optimizer{' (distributed_optimizer=True)' if distributed else ''} cannot train here: "
+                f"{reason}. Use optim='adamw_torch' (or 'sgd') without optim_args, or MCoreTrainer(megatron_optimizer="
+                "False, distributed_optimizer=False) for transformers' optimizer."
+            )
+        if reason is not None and wanted is None:
+            logger.info(f"MCoreTrainer steps transformers' torch optimizer: {reason}.")
+        return reason is None and wanted is not False
 
     # ---- arguments the backend cannot honour -----------------------------------------------------
     def _check_arguments(self) -> None:
@@ -241,19 +270,29 @@ class MCoreTrainer(Trainer):
                 ))
             config.params_dtype = config.pipeline_dtype = torch.float16
             config.fp16 = True
-            config.grad_scale_func = self.accelerator.scaler.scale  # megatron's schedule: backward of loss × scale
+            if not self.uses_megatron_optimizer:  # megatron's schedule: backward of loss × scale
+                config.grad_scale_func = self.accelerator.scaler.scale
         mixed = mcore.dtype != torch.float32
         mark_tensor_parallel_weights(mcore.chunks)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("The model has no trainable parameters (every requires_grad is False).")
-        ddp_chunks = wrap_chunks(mcore.chunks, fp32_grads=mixed)
+        ddp_chunks = wrap_chunks(mcore.chunks, fp32_grads=mixed, distributed_optimizer=self.distributed_optimizer)
+        if self.uses_megatron_optimizer:
+            self._training_module = TrainingModule(self.model, ddp_chunks, self._zero_megatron_grads)
+            return self._training_module
         has_experts = getattr(config, "num_moe_experts", None) is not None
         self._grads = ShardedGrads(params, ddp_chunks, masters=mixed, has_experts=has_experts)
         if mixed and self.optimizer is not None:  # an optimizer passed in by the user
             swap_optimizer_params(self.optimizer, self._grads)
-        self._training_module = TrainingModule(self.model, ddp_chunks, self._grads)
+        self._training_module = TrainingModule(self.model, ddp_chunks, self._grads.zero)
         return self._training_module
+
+    def _zero_megatron_grads(self) -> None:
+        for ddp in self._training_module.ddp_chunks:
+            ddp.zero_grad_buffer()
+        if self._megatron_optimizer is not None:
+            self._megatron_optimizer.zero_grad()
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
         if training:
@@ -264,11 +303,27 @@ class MCoreTrainer(Trainer):
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         state = self._training_state()
-        if self.optimizer is None:
+        if self.optimizer is not None:
+            return self.optimizer
+        if not self.uses_megatron_optimizer:
             super().create_optimizer(self.model)
-            if state.grads.masters:
-                swap_optimizer_params(self.optimizer, state.grads)
+            if self._grads.masters:
+                swap_optimizer_params(self.optimizer, self._grads)
+            return self.optimizer
+        decay = set(self.get_decay_parameter_names(self.model))
+        no_decay = {id(p) for name, p in self.model.named_parameters() if name not in decay}
+        self._megatron_optimizer = megatron_optimizer.build(
+            self.args, list(state.ddp_chunks), no_decay, self._mcore.dtype, self.distributed_optimizer
+        )
+        if self.args.fp16:  # megatron's schedule runs backward on loss × the optimizer's dynamic scale
+            self._mcore.chunks[0].config.grad_scale_func = self._megatron_optimizer.scale_loss
+        self.optimizer = self._megatron_optimizer
         return self.optimizer
+
+    def _report_skipped_step(self, skipped: bool) -> None:
+        # transformers holds the scheduler when accelerate says the step was skipped (fp16 overflow).
+        if hasattr(self.optimizer, "_is_overflow"):
+            self.optimizer._is_overflow = skipped
 
     # ---- data ----------------------------------------------------------------------------------
     def get_train_dataloader(self):
@@ -379,10 +434,12 @@ class MCoreTrainer(Trainer):
             list(module.ddp_chunks), batch, self.micro_batch_size, divisor, forward_only=False,
             finalize_grads=last_of_step,
         )
-        if last_of_step:
+        if last_of_step and self._grads is not None:
             self._grads.reduce_extras()
             self._grads.publish()
             self._unscaled = False
+        if self._megatron_optimizer is not None:
+            self._megatron_optimizer.on_skip = self._report_skipped_step
         return result.loss.to(self.args.device, torch.float32)
 
     def _unscale_gradients(self) -> None:
@@ -393,12 +450,16 @@ class MCoreTrainer(Trainer):
             self._unscaled = True
 
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        if self._megatron_optimizer is not None:
+            return self._megatron_optimizer.clip_grad_norm(self.args.max_grad_norm)
         self._unscale_gradients()
         return self._grads.clip(self.args.max_grad_norm)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
         if grad_norm is not None:
             return grad_norm
+        if self._megatron_optimizer is not None:
+            return self._megatron_optimizer.grad_norm()
         self._unscale_gradients()
         return self._grads.norm()
 
@@ -497,9 +558,13 @@ class MCoreTrainer(Trainer):
         _barrier()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        ckpt.save_training_state(output_dir, self._mcore, self.model, self.optimizer, self._grads)
+        ckpt.save_training_state(output_dir, self._mcore, self.model, self._stepping_optimizer(), self._grads)
         if self.args.should_save and self.lr_scheduler is not None:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _stepping_optimizer(self):
+        """megatron's optimizer, or the torch optimizer accelerate wraps (its state_dict is the inner one's)."""
+        return self._megatron_optimizer if self._megatron_optimizer is not None else self.optimizer
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         ckpt.load_model_state(resume_from_checkpoint, self._mcore, self.model)
@@ -507,7 +572,7 @@ class MCoreTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         if checkpoint is None:
             return
-        ckpt.load_optimizer_state(checkpoint, self._mcore, self.model, self.optimizer, self._grads)
+        ckpt.load_optimizer_state(checkpoint, self._mcore, self.model, self._stepping_optimizer(), self._grads)
         scheduler_file = os.path.join(checkpoint, SCHEDULER_NAME)
         if os.path.isfile(scheduler_file) and self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
@@ -522,6 +587,8 @@ class MCoreTrainer(Trainer):
         best = self.state.best_model_checkpoint
         logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")
         ckpt.load_model_state(best, self._mcore, self.model)
+        if self._megatron_optimizer is not None:
+            self._megatron_optimizer.reload_model_params()
         if self._grads is not None and self._grads.masters:
             with torch.no_grad():
                 for param, target in zip(self._grads.params, self._grads.targets):
