@@ -23,12 +23,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_trainer_worker as W  # noqa: E402
 
 # reference runs: name -> (from_pretrained layout, dp, options); options: "args" (training arguments),
-# "checkpoint" (tiny model, default llama), "lora" (train q/v/down_proj LoRA adapters only)
+# "checkpoint" (tiny model, default llama), "lora" (train q/v/down_proj LoRA adapters only), "trainer"
+# (MCoreTrainer arguments). By default megatron-core's optimizer trains and dist_checkpointing reshards;
+# LoRA, Adafactor and "torch-" runs step transformers' torch optimizer and reshard through hf_optimizer/.
 REFERENCES = {
     "tp2": (dict(tp=2), 1, {}),
     "pp2": (dict(pp=2), 1, {}),
     "tp1dp2": ({}, 2, {}),
     "tp2-bf16": (dict(tp=2), 1, {"args": {"bf16": True}}),
+    "torch-tp2-bf16": (dict(tp=2), 1, {"args": {"bf16": True}, "trainer": {"megatron_optimizer": False}}),
+    # megatron's distributed optimizer: state and fp32 masters split over the two data-parallel ranks
+    "distopt-tp1dp2": ({}, 2, {"trainer": {"distributed_optimizer": True}}),
     # tied embeddings (the last stage's output layer is a copy) and a vocabulary tp=2 pads (251 -> 252)
     "tied-pp2": (dict(pp=2), 1, {"checkpoint": "qwen2-tied-v251", "args": {"max_steps": 2}}),
     "lora-tp2": (dict(tp=2), 1, {"lora": True}),
@@ -36,6 +41,9 @@ REFERENCES = {
     "adafactor-tp2": (dict(tp=2), 1, {"args": {"optim": "adafactor", "max_steps": 2}}),
     # routed experts over expert parallelism (per-expert HF tensors)
     "moe-ep2": (dict(ep=2), 2, {"checkpoint": "qwen3_moe", "args": {"max_steps": 2}}),
+    # the same through transformers' torch optimizer, whose checkpoints reshard between ep=2 and ep=1
+    "torch-moe-ep2": (dict(ep=2), 2, {"checkpoint": "qwen3_moe", "args": {"max_steps": 2},
+                                       "trainer": {"megatron_optimizer": False}}),
 }
 # resumed runs: name -> (reference whose checkpoint-2 it resumes, layout, dp)
 RESUMES = {
@@ -45,6 +53,8 @@ RESUMES = {
         "tp2-bf16-to-pp2": ("tp2-bf16", dict(pp=2), 1),
         "lora-tp2-to-pp2": ("lora-tp2", dict(pp=2), 1),
         "pp2-to-vpp2": ("pp2", dict(pp=2, vpp=2), 1),
+        "torch-tp2-bf16-to-pp2": ("torch-tp2-bf16", dict(pp=2), 1),
+        "distopt-tp1dp2-to-tp2": ("distopt-tp1dp2", dict(tp=2), 1),
     },
     "single": {
         "tp2-to-tp1": ("tp2", {}, 1),
@@ -55,17 +65,21 @@ RESUMES = {
 ROUND_TRIPS = {
     "pairs": {
         "tp2-bf16-via-pp2": ("tp2-bf16", dict(pp=2), 1),
+        "torch-tp2-bf16-via-pp2": ("torch-tp2-bf16", dict(pp=2), 1),
+        "distopt-tp1dp2-via-tp2": ("distopt-tp1dp2", dict(tp=2), 1),
         "pp2-via-tp1dp2": ("pp2", {}, 2),
         "tied-pp2-via-tp2": ("tied-pp2", dict(tp=2), 1),
         "lora-tp2-via-pp2": ("lora-tp2", dict(pp=2), 1),
-        "moe-ep2-via-tp2": ("moe-ep2", dict(tp=2, sequence_parallel=True), 1),  # experts split over etp = tp
+        "torch-moe-ep2-via-tp2": ("torch-moe-ep2", dict(tp=2, sequence_parallel=True), 1),  # experts over etp = tp
     },
     "single": {},
 }
 ORDER = {  # runs in an order that rebuilds megatron's parallel state as rarely as possible
-    "pairs": ["tp2", "tp2-bf16", "lora-tp2", "adafactor-tp2", "tp1dp2", "pp2", "tied-pp2", "pp2-via-tp1dp2",
-              "tp2-bf16-to-pp2", "tp2-bf16-via-pp2", "lora-tp2-to-pp2", "lora-tp2-via-pp2", "pp2-to-vpp2", "moe-ep2",
-              "tp1dp2-to-tp2", "pp2-to-tp2", "tied-pp2-via-tp2", "moe-ep2-via-tp2"],
+    "pairs": ["tp2", "tp2-bf16", "torch-tp2-bf16", "lora-tp2", "adafactor-tp2", "tp1dp2", "distopt-tp1dp2",
+              "pp2", "tied-pp2", "pp2-via-tp1dp2", "tp2-bf16-to-pp2", "tp2-bf16-via-pp2", "torch-tp2-bf16-to-pp2",
+              "torch-tp2-bf16-via-pp2", "lora-tp2-to-pp2", "lora-tp2-via-pp2", "pp2-to-vpp2", "moe-ep2",
+              "torch-moe-ep2", "tp1dp2-to-tp2", "pp2-to-tp2", "tied-pp2-via-tp2", "torch-moe-ep2-via-tp2", "distopt-tp1dp2-to-tp2",
+              "distopt-tp1dp2-via-tp2"],
     "single": ["tp2-to-tp1"],
 }
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -91,7 +105,7 @@ def train(name: str, root: str, out: str, layout: dict, dp: int, options: dict, 
         model = get_peft_model(model, LoraConfig(**LORA))
     data = W.make_dataset(vocab, W.TRAIN_ROWS, 0)
     args = W.training_arguments(os.path.join(out, name, "train"), W.GLOBAL_BATCH // dp, **options.get("args", {}))
-    trainer = MCoreTrainer(model=model, args=args, train_dataset=data)
+    trainer = MCoreTrainer(model=model, args=args, train_dataset=data, **options.get("trainer", {}))
     if round_trip:
         args.max_steps = 2  # resume checkpoint-2 and stop: the state is loaded at this layout, nothing trained
     trainer.train(resume_from_checkpoint=resume)
@@ -101,7 +115,8 @@ def train(name: str, root: str, out: str, layout: dict, dp: int, options: dict, 
 
 
 def refusals(root: str, out: str) -> dict:
-    """Resuming tp=2 checkpoints at tp=1: with another model, another optimizer, or factored optimizer state."""
+    """Resuming checkpoints in a world of one: with another model, another optimizer, factored optimizer state,
+    or megatron's optimizer from ep=2 to ep=1."""
     from mcore_transformers import MCoreModelForCausalLM
     from mcore_transformers.training import MCoreTrainer
 
@@ -116,6 +131,7 @@ def refusals(root: str, out: str) -> dict:
 
     W.expect_error(record, "other_model", lambda: attempt("qwen2-tied-v251"))
     W.expect_error(record, "other_optimizer", lambda: attempt("llama", optim="sgd"))
+    W.expect_error(record, "ep_side", lambda: attempt("qwen3_moe", checkpoint_of(out, "moe-ep2"), max_steps=2))
     W.expect_error(record, "factored_state", lambda: attempt("llama", checkpoint_of(out, "adafactor-tp2"), optim="adafactor"))
     return record
 

@@ -228,3 +228,29 @@ def bridge_torch_optimizer_checkpointing() -> None:
 
     distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = set_saved_states
     _fallback_bridged = True
+
+
+def fill_fresh_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Bridges optimizer/distrib_optimizer.py with torch's AdamW (no Transformer Engine / Apex): building the
+    sharded state dict to *load* into reads the live state's per-parameter `step`, which torch's AdamW
+    creates only at its first step. A fresh optimizer gets the state that first step would create
+    (step 0, zero moments); loading then overwrites all of it."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def untie_adam_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Bridges optimizer/distrib_optimizer.py `load_state_dict` with torch's AdamW (no Transformer Engine /
+    Apex): it restores `step` as *one* tensor shared by every parameter's state, and torch's foreach
+    AdamW then adds 1 to it once per parameter at every step (wrong bias correction from the first
+    step after a resume). Each parameter gets its own copy, as torch's optimizer keeps it."""
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()

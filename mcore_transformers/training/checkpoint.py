@@ -57,6 +57,15 @@ def optimizer_kind(optimizer) -> str:
     return "torch"
 
 
+def optimizer_classes(optimizer) -> list[str]:
+    """The torch optimizer class(es) that hold the state (megatron's inner ones; accelerate's wrapper unwrapped)."""
+    if isinstance(optimizer, MegatronOptimizerForTrainer):
+        inner = [o.optimizer for o in optimizer.chained if getattr(o, "optimizer", None) is not None]
+    else:
+        inner = [getattr(optimizer, "optimizer", optimizer)] if optimizer is not None else []
+    return sorted({f"{type(o).__module__}.{type(o).__name__}" for o in inner})
+
+
 def describe_layout(model, optimizer=None) -> dict:
     layout = model.layout
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -71,6 +80,7 @@ def describe_layout(model, optimizer=None) -> dict:
         "world_size": world,
         "dtype": str(model.dtype).replace("torch.", ""),
         "optimizer": optimizer_kind(optimizer),
+        "optimizer_classes": optimizer_classes(optimizer),
     }
 
 
@@ -168,7 +178,7 @@ def same_layout(folder: str, model) -> bool:
     return all(saved.get(k) == current[k] for k in LAYOUT_KEYS)
 
 
-def _check_optimizer_kind(folder: str, optimizer) -> None:
+def _check_optimizer_kind(folder: str, model, optimizer) -> None:
     saved, current = _saved_layout(folder)["optimizer"], optimizer_kind(optimizer)
     if saved != current:
         switch = {
@@ -180,6 +190,21 @@ def _check_optimizer_kind(folder: str, optimizer) -> None:
             f"{folder} holds the state of the {saved!r} optimizer; this trainer steps the {current!r} one, whose state "
             f"is laid out differently. Resume with {switch} (and the same optim), or start a new run from the "
             "checkpoint's HF weights: MCoreModelForCausalLM.from_pretrained(checkpoint, ...)."
+        )
+    saved_ep, current_ep = _saved_layout(folder)["ep"], model.layout.ep
+    if current != "torch" and (saved_ep > 1) != (current_ep > 1):
+        raise TrainingError(
+            f"{folder} was saved at ep={saved_ep}; this model runs ep={current_ep}. megatron-core's optimizer keeps the "
+            "experts' state apart from the rest only under expert parallelism (ep > 1), so its state does not reshard "
+            "between ep=1 and ep > 1. Resume at an ep on the same side, or train with MCoreTrainer(megatron_optimizer="
+            "False), whose checkpoints reshard across any ep."
+        )
+    saved_classes = _saved_layout(folder).get("optimizer_classes")
+    if saved_classes is not None and saved_classes != optimizer_classes(optimizer):
+        raise TrainingError(
+            f"{folder} holds the state of {', '.join(saved_classes)}; this trainer steps "
+            f"{', '.join(optimizer_classes(optimizer))}. Resume with the optim it was trained with, or start a new run "
+            "from the checkpoint's HF weights: MCoreModelForCausalLM.from_pretrained(checkpoint, ...)."
         )
 
 
@@ -243,7 +268,7 @@ def load_model_state(folder: str, model, trained) -> None:
 
 
 def load_optimizer_state(folder: str, model, trained, optimizer, grads) -> None:
-    _check_optimizer_kind(folder, optimizer)
+    _check_optimizer_kind(folder, model, optimizer)
     if isinstance(optimizer, MegatronOptimizerForTrainer):
         dist_checkpoint.load_optimizer(_dist_dir(folder), model, optimizer)
         return

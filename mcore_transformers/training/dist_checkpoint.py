@@ -10,13 +10,19 @@ new layout needs: resharding is dist_checkpointing's own. The distributed optimi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
 
 import torch.distributed as dist
 
-from ..runtime.cpu import bridge_torch_optimizer_checkpointing, megatron_optimizer_device
+from ..runtime.cpu import (
+    bridge_torch_optimizer_checkpointing,
+    fill_fresh_adam_state,
+    megatron_optimizer_device,
+    untie_adam_steps,
+)
 from .errors import TrainingError
 
 DIST_DIR = "dist_ckpt"
@@ -84,13 +90,33 @@ def _check(path: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _not_fitting(path: str):
+    """megatron's and torch's errors for a checkpoint of another model (a tensor it lacks, another shape)."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (KeyError, CheckpointingException, CheckpointException) as err:
+        cause = err
+        if isinstance(err, CheckpointException) and err.failures:  # the first rank's own error
+            cause = next(iter(err.failures.values()))
+            cause = getattr(cause, "exc", cause)
+        reason = str(cause) if len(str(cause)) < 300 else str(cause)[:300] + " ..."
+        raise TrainingError(
+            f"The checkpoint in {path} does not fit this model: {reason}. Was it written for another model (or "
+            "another architecture setting)? Resume with the model it was trained from."
+        ) from err
+
+
 def load_model(path: str, model) -> None:
     """Collective: the model's weights from `path`, read at this model's layout."""
     from megatron.core import dist_checkpointing
 
     _check(path)
     wanted = model_sharded_state(model)
-    with megatron_optimizer_device():
+    with megatron_optimizer_device(), _not_fitting(path):
         loaded = dist_checkpointing.load(wanted, path)
     chunks = model.chunks
     keys = ["model"] if len(chunks) == 1 else [f"model{index}" for index in range(len(chunks))]
@@ -104,8 +130,14 @@ def load_optimizer(path: str, model, optimizer) -> None:
 
     _check(path)
     bridge_torch_optimizer_checkpointing()
+    if optimizer.megatron.config.use_distributed_optimizer:
+        for inner in optimizer.chained:
+            fill_fresh_adam_state(inner.optimizer)
     wanted = {"optimizer": optimizer.sharded_state_dict(model_sharded_state(model), is_loading=True,
                                                        metadata=OPTIMIZER_METADATA)}
-    with megatron_optimizer_device():
+    with megatron_optimizer_device(), _not_fitting(path):
         loaded = dist_checkpointing.load(wanted, path)
     optimizer.load_state_dict(loaded["optimizer"])
+    if optimizer.megatron.config.use_distributed_optimizer:
+        for inner in optimizer.chained:
+            untie_adam_steps(inner.optimizer)

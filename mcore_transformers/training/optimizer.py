@@ -28,11 +28,14 @@ MEGATRON_OPTIMIZERS = {
 }
 
 
-def megatron_optimizer_unsupported(args, trainable_outside_chunks: bool) -> Optional[str]:
+def megatron_optimizer_unsupported(args, trainable_outside_chunks: bool, distributed: bool) -> Optional[str]:
     """Why megatron-core's optimizer cannot train with these arguments (None: it can)."""
     optim = str(getattr(args.optim, "value", args.optim))
     if optim not in MEGATRON_OPTIMIZERS:
         return f"optim={optim!r} is not one of megatron-core's optimizers ({', '.join(MEGATRON_OPTIMIZERS)})"
+    if distributed and MEGATRON_OPTIMIZERS[optim] == "sgd":
+        # megatron-core 0.16's distributed optimizer reads a per-parameter `step` that SGD without momentum lacks
+        return "the distributed optimizer checkpoints Adam-family optimizers only"
     if args.optim_args:
         return f"optim_args={args.optim_args!r} configures transformers' optimizer classes"
     if trainable_outside_chunks:
@@ -178,10 +181,16 @@ class MegatronOptimizerForTrainer(torch.optim.Optimizer):
             return self.megatron.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
 
     def state_dict(self) -> dict:
+        """megatron's (non-sharded) state dict; empty before the first step. Checkpoints use
+        `sharded_state_dict` (dist_checkpoint.py); accelerate round-trips this one when it wraps the optimizer."""
+        if not any(len(o.optimizer.state) for o in self.chained if getattr(o, "optimizer", None) is not None):
+            return {}
         with megatron_optimizer_device():
             return self.megatron.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
         with megatron_optimizer_device():
             self.megatron.load_state_dict(state_dict)
 

@@ -189,7 +189,7 @@ class MCoreTrainer(Trainer):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         in_chunks = {id(p) for chunk in self._mcore.chunks for p in chunk.parameters()}
         outside = any(id(p) not in in_chunks for p in trainable)
-        reason = megatron_optimizer.megatron_optimizer_unsupported(self.args, outside)
+        reason = megatron_optimizer.megatron_optimizer_unsupported(self.args, outside, distributed)
         if self.optimizer is not None:
             reason = "an optimizer was passed in (optimizers=...)"
         if reason is not None and (wanted or distributed):
