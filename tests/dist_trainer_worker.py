@@ -36,7 +36,9 @@ CHECKPOINTS = {
     "qwen2-tied-v251": ("qwen2", {"vocab_size": 251, "tie_word_embeddings": True}),
 }
 
-# launch -> world size and its runs: (name, checkpoint, from_pretrained kwargs, dp, extra)
+# launch -> world size and its runs: (name, checkpoint, from_pretrained kwargs, dp, extra); extra: plain
+# (transformers.Trainer), args (TrainingArguments overrides), trainer (MCoreTrainer arguments), resume,
+# predict, errors, tolerance
 LAUNCHES: dict[str, dict] = {
     "single": dict(world=1, runs=[
         ("plain-trainer", "llama", {}, 1, {"plain": True}),
@@ -47,9 +49,13 @@ LAUNCHES: dict[str, dict] = {
     "tp2": dict(world=2, runs=[
         ("tp2", "llama", dict(tp=2), 1, {"resume": True}),
         ("tp2sp-tied", "qwen2-tied-v251", dict(tp=2, sequence_parallel=True), 1, {}),
+        # transformers' torch AdamW on megatron's grad buffers instead of megatron-core's optimizer
+        ("tp2-torch-optimizer", "llama", dict(tp=2), 1, {"trainer": {"megatron_optimizer": False}}),
     ]),
     "dp2": dict(world=2, runs=[
         ("dp2", "llama", {}, 2, {"predict": True}),
+        # megatron's distributed optimizer: AdamW state and updates split over the two replicas
+        ("dp2-distopt", "llama", {}, 2, {"trainer": {"distributed_optimizer": True}, "resume": True}),
     ]),
     "pp2": dict(world=2, runs=[
         ("pp2", "llama", dict(pp=2), 1, {"predict": True}),
@@ -59,6 +65,7 @@ LAUNCHES: dict[str, dict] = {
     ]),
     "tp2dp2": dict(world=4, runs=[
         ("tp2dp2", "llama", dict(tp=2), 2, {}),
+        ("tp2dp2-distopt", "llama", dict(tp=2), 2, {"trainer": {"distributed_optimizer": True}}),
     ]),
 }
 
@@ -182,9 +189,9 @@ def run(name: str, checkpoint: str, layout: dict, dp: int, extra: dict, root: st
     per_device = GLOBAL_BATCH // dp
     record: dict = {"checkpoint": checkpoint, "layout": layout, "dp": dp}
     trainer_class = Trainer if extra.get("plain") else MCoreTrainer
-    overrides = extra.get("args", {})
+    overrides, options = extra.get("args", {}), extra.get("trainer", {})
     args = training_arguments(os.path.join(run_dir, "train"), per_device, **overrides)
-    trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
+    trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation, **options)
     trainer.train()
     record["train"] = history(trainer)
     record["recompute"] = model.chunks[0].config.recompute_granularity
@@ -201,7 +208,7 @@ def run(name: str, checkpoint: str, layout: dict, dp: int, extra: dict, root: st
         resumed_model = MCoreModelForCausalLM.from_pretrained(source, **layout)
         resumed = MCoreTrainer(
             model=resumed_model, args=training_arguments(os.path.join(run_dir, "resumed"), per_device, **overrides),
-            train_dataset=train, eval_dataset=evaluation,
+            train_dataset=train, eval_dataset=evaluation, **options,
         )
         resumed.train(resume_from_checkpoint=os.path.join(run_dir, "train", "checkpoint-2"))
         record["resumed"] = history(resumed)
