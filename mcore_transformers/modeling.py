@@ -37,7 +37,7 @@ from .generation import (
 )
 from .hub import resolve_checkpoint
 from .peft.targets import attach as attach_lora_targets
-from .runtime.parallel import DEFAULT_SEED, ParallelConfig, default_device, init_parallel_state
+from .runtime.parallel import DEFAULT_SEED, ParallelConfig, default_device, init_parallel_state, is_rank0
 
 logger = logging.get_logger(__name__)
 
@@ -53,10 +53,6 @@ def _resolve_dtype(dtype, config: PretrainedConfig) -> torch.dtype:
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={dtype}: use torch.float32, torch.bfloat16 or torch.float16.")
     return dtype
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -109,12 +105,12 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
     ) -> None:
         """transformers' activation checkpointing → megatron-core full-layer recompute."""
-        from .training.trainer import enable_recompute
+        from .training.arguments import enable_recompute
 
         enable_recompute(self, activation_checkpointing_kwargs, every_n_layers, offload)
 
     def activation_checkpointing_disable(self) -> None:
-        from .training.trainer import disable_recompute
+        from .training.arguments import disable_recompute
 
         disable_recompute(self)
 
@@ -166,7 +162,7 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
             # The checkpoint's names choose among a rule's layouts (per-expert or stacked experts).
             bound = bind_parameters(built.chunks, arch.rules(), renames, available=reader)
             check_checkpoint(bound, reader, built.shard_layout)
-            load_parameters(bound, reader, built.shard_layout, dtype, default_device(), show_progress=_is_rank0() and logging.is_progress_bar_enabled())
+            load_parameters(bound, reader, built.shard_layout, dtype, default_device(), show_progress=is_rank0() and logging.is_progress_bar_enabled())
         check_materialised(built.chunks)
         model = cls(config, arch, built.chunks, built.shard_layout, layout, bound, source_folder=folder)
         if os.path.exists(os.path.join(folder, "generation_config.json")):
@@ -263,7 +259,7 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         aux_spec = self.arch.router_aux_loss() if output_router_logits else None
         recording = contextlib.nullcontext([])
         if aux_spec is not None:
-            from .training.step import recording_router_logits
+            from .training.router_aux import recording_router_logits
 
             recording = recording_router_logits(self.chunks)
 
@@ -323,7 +319,7 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         Also returns the router logits as transformers does ([b·s, experts] per MoE layer) where this
         rank routed every token (no pipeline or sequence split); otherwise None.
         """
-        from .training.step import RouterAuxLoss, load_balancing_loss, router_token_mask
+        from .training.router_aux import RouterAuxLoss, load_balancing_loss, router_token_mask
 
         sequence_parallel = self.layout.sequence_parallel and self.layout.tp > 1
         groups = []
@@ -408,7 +404,7 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         expert parallelism the replicas may generate different prompts (same batch shape) for different
         lengths: `synced_gpus` defaults to True so every rank steps until all are done.
         """
-        if not _is_rank0():
+        if not is_rank0():
             kwargs.pop("streamer", None)
         if self.layout.ep > 1 and kwargs.get("synced_gpus") is None:
             # Expert-parallel ranks are data-parallel replicas that exchange tokens in every MoE layer:
@@ -467,7 +463,7 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         """
         target = str(save_directory)
         error = [None]
-        if _is_rank0():
+        if is_rank0():
             try:
                 check_save_target(target)
             except Exception as err:  # re-raised on every rank below, before any collective
@@ -479,7 +475,7 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         plan = self.export_plan()
         stream = iter_hf_tensors(self._bound, self.shard_layout, plan, to="rank0")
-        if _is_rank0():
+        if is_rank0():
             # Source tensors no rule claims (DeepSeek-V3's MTP layers) are copied through verbatim.
             unclaimed = UnclaimedTensors(self.source_folder, plan)
             specs = [(n, s, e.dtype) for e in plan for n, s in zip(e.names, e.shapes)] + unclaimed.specs

@@ -165,12 +165,6 @@ def _dtype(dtype: Union[str, "torch.dtype"]) -> "torch.dtype":
     return getattr(torch, name)
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _world() -> int:
     import torch.distributed as dist
 
@@ -253,7 +247,9 @@ def verify(
 
     # Only rank 0 loads the transformers model; it builds the report (or the error) and broadcasts it.
     result: list = [None]
-    if _rank() == 0:
+    from .runtime.parallel import is_rank0  # torch is imported lazily here
+
+    if is_rank0():
         try:
             result[0] = _compare_with_hf(
                 AutoModelForCausalLM, model.source_folder or path, dtype, input_ids, attention_mask, position_ids,

@@ -40,11 +40,16 @@ LAUNCHES: dict[str, dict] = {
         ("aux-qwen2", "qwen2_moe", {}, 1, {"aux": True}),  # shared expert, one dense layer
         ("plain-aux", "qwen3_moe", {}, 1, {"aux": True, "plain": True}),  # the model's forward: loss + coef·aux
         ("fp16", "qwen3_moe", {}, 1, {"args": {"fp16": True}, "tolerance": 1e-2}),
+        # the aux loss pooled over micro-batches: a counting forward first (router_aux.PooledRouting)
+        ("aux-micro-batches", "qwen3_moe", {}, 1, {"aux": True, "trainer": {"micro_batch_size": 2}}),
     ]),
     "world2": dict(world=2, runs=[  # one launch, the layouts in turn (parallel state rebuilt between them)
         ("ep2-aux", "qwen3_moe", dict(ep=2), 2, {"aux": True}),  # experts split; two data-parallel replicas
         # megatron trains MoE under tp only with sequence parallelism: each rank routes half the sequence
         ("tp2sp-aux", "qwen3_moe", dict(tp=2, sequence_parallel=True), 1, {"aux": True}),
+        # the aux loss pooled over pipeline stages (and micro-batches; interleaved, a dense first layer)
+        ("pp2-aux", "qwen3_moe", dict(pp=2), 1, {"aux": True}),
+        ("pp2vpp2-aux-qwen2", "qwen2_moe", dict(pp=2, vpp=2), 1, {"aux": True}),
         # fp16: rank 1's gradient overflows at step 2; with megatron's optimizer (its loss scaler) and with
         # transformers' torch AdamW (torch's GradScaler semantics, agreed over ranks)
         ("tp2sp-fp16-inf", "qwen3_moe", dict(tp=2, sequence_parallel=True), 1,

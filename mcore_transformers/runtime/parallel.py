@@ -81,6 +81,26 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def global_rank() -> int:
+    """This process's rank in the world (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_rank0() -> bool:
+    return global_rank() == 0
+
+
+def several_processes() -> bool:
+    """torch.distributed is up with more than one process (collectives have someone to talk to)."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in a world of one)."""
+    if several_processes():
+        dist.barrier()
+
+
 def init_distributed() -> None:
     """torch.distributed from torchrun's env vars, or a world of one; reused when already up."""
     if dist.is_initialized():

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import random as mcore_random
 
-from ..runtime.parallel import seed_parallel_rng
+from ..runtime.parallel import barrier, global_rank, is_rank0, seed_parallel_rng
 from . import dist_checkpoint, reshard
 from .errors import TrainingError
 from .optimizer import MegatronOptimizerForTrainer
@@ -92,7 +92,7 @@ def _position_file(folder: str) -> str:
 
 
 def _rng_file(folder: str) -> str:
-    return os.path.join(folder, STATE_DIR, f"rng_rank_{_rank():05d}.pt")
+    return os.path.join(folder, STATE_DIR, f"rng_rank_{global_rank():05d}.pt")
 
 
 def _dist_dir(folder: str) -> str:
@@ -110,15 +110,6 @@ def _writes_position(model) -> bool:
     return ps.get_data_parallel_rank() == 0
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def _atomic_save(payload, path: str) -> None:
     partial = path + ".partial"
     torch.save(payload, partial)
@@ -132,7 +123,7 @@ def save_training_state(folder: str, model, trained, optimizer, grads) -> None:
     """Collective: write this rank's share of mcore_state/ and (rank 0) hf_optimizer/ (module docstring)."""
     state_dir = os.path.join(folder, STATE_DIR)
     os.makedirs(state_dir, exist_ok=True)
-    if _rank() == 0:
+    if is_rank0():
         with open(os.path.join(state_dir, LAYOUT_FILE), "w") as f:
             json.dump(describe_layout(model, optimizer), f, indent=1)
     _atomic_save({"tracker": mcore_random.get_cuda_rng_tracker().get_states()}, _rng_file(folder))
@@ -148,7 +139,7 @@ def save_training_state(folder: str, model, trained, optimizer, grads) -> None:
         _atomic_save(payload, _position_file(folder))
     if grads is not None:
         reshard.save_layout_free_state(_layout_free_dir(folder), model, trained, optimizer, grads, FORMAT_VERSION)
-    _barrier()
+    barrier()
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ import os
 import queue
 import shutil
 
-import torch.distributed as dist
-
+from ..runtime.parallel import barrier, is_rank0
 from ..runtime.cpu import (
     bridge_torch_optimizer_checkpointing,
     fill_fresh_adam_state,
@@ -27,15 +26,6 @@ from .errors import TrainingError
 
 DIST_DIR = "dist_ckpt"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def model_sharded_state(model) -> dict:
@@ -63,21 +53,21 @@ def save(path: str, model, optimizer) -> None:
     from megatron.core import dist_checkpointing
 
     partial = path + ".partial"
-    if _rank0():
+    if is_rank0():
         for stale in (partial, path):
             if os.path.exists(stale):
                 shutil.rmtree(stale)
         os.makedirs(partial)
-    _barrier()
+    barrier()
     state = model_sharded_state(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     _write_in_this_process()
     with megatron_optimizer_device():
         dist_checkpointing.save(state, partial)
-    _barrier()
-    if _rank0():
+    barrier()
+    if is_rank0():
         os.replace(partial, path)
-    _barrier()
+    barrier()
 
 
 def _check(path: str) -> None:

@@ -76,7 +76,20 @@ def build(args, chunks: list, no_decay: set[int], dtype: torch.dtype, distribute
     no_decay_key = ParamKey(predicate=ParamPredicate(name="transformers_no_decay", fn=lambda p: id(p) in no_decay))
     with megatron_optimizer_device():
         megatron = get_megatron_optimizer(config, chunks, config_overrides={no_decay_key: {"wd_mult": 0.0}})
-    return MegatronOptimizerForTrainer(megatron)
+    adapter = MegatronOptimizerForTrainer(megatron)
+    if str(getattr(args.optim, "value", args.optim)) == "adamw_torch_fused":
+        use_torch_fused_kernel(adapter)
+    return adapter
+
+
+def use_torch_fused_kernel(adapter: "MegatronOptimizerForTrainer") -> None:
+    """transformers' adamw_torch_fused: where megatron falls back to torch's AdamW (no Transformer Engine /
+    Apex), step it with torch's fused kernel too (megatron builds it with the per-tensor loop)."""
+    for optimizer in adapter.chained:
+        inner = getattr(optimizer, "optimizer", None)
+        if type(inner) is torch.optim.AdamW:
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = True, False
 
 
 class MegatronOptimizerForTrainer(torch.optim.Optimizer):

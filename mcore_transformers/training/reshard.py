@@ -40,6 +40,7 @@ from ..conversion.loader import check_checkpoint
 from ..conversion.reader import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from ..conversion.writer import commit_folder, temporary_sibling, write_hf_folder
 from ..errors import CheckpointError
+from ..runtime.parallel import global_rank, several_processes
 from .errors import TrainingError
 
 RESHARD_DIR = "hf_optimizer"  # inside the checkpoint's mcore_state/
@@ -51,16 +52,8 @@ PARAM_KEY = "param"
 # ---- collectives ---------------------------------------------------------------------------------
 
 
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _all_gather(obj) -> list:
-    if not _distributed():
+    if not several_processes():
         return [obj]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
@@ -81,7 +74,7 @@ def _raise_everywhere(problem: Optional[str]) -> None:
 
 def _merge_on_rank0(part: dict) -> dict:
     """Collective: every rank's dict merged on rank 0 (the lowest rank's entry wins); {} on other ranks."""
-    if _distributed():
+    if several_processes():
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(part, parts, dst=0)
     else:
@@ -178,7 +171,7 @@ def save_layout_free_state(target: str, model, trained, optimizer, grads, format
     When the state cannot be laid out this way, meta.pt records why (a resume at another layout then
     says so) and the checkpoint's per-position files still resume it at the saved layout.
     """
-    rank0 = _rank() == 0
+    rank0 = global_rank() == 0
     entries = _trainables(model, trained, optimizer, grads)
     state = _inner(optimizer).state if optimizer is not None else {}
     problem, keys = _local_problem(entries, state) if optimizer is not None else ("there is no optimizer", set())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,13 @@ from torch import nn
 
 from ..forward import ForwardInputs, attention_mask_for, rotary_angles, run_chunk
 from .errors import TrainingError
+from .router_aux import (
+    PooledRouting,
+    RouterAuxLoss,
+    load_balancing_loss,
+    recording_router_logits,
+    router_token_mask,
+)
 
 IGNORE_INDEX = -100
 
@@ -115,102 +122,6 @@ def vocab_parallel_token_losses(logits: torch.Tensor, targets: torch.Tensor, voc
     return losses * valid
 
 
-@dataclass(frozen=True)
-class RouterAuxLoss:
-    """transformers' MoE load-balancing loss (`load_balancing_loss_func`), added as `coefficient` × loss.
-
-    `experts` / `top_k` as transformers counts them; `groups` are the process groups over which the
-    tokens of one loss are split (data-parallel replicas, tensor-parallel ranks under sequence
-    parallelism) or its layers (pipeline stages, value only): their statistics are summed over them.
-    """
-
-    experts: int
-    top_k: int
-    coefficient: float
-    groups: tuple = ()
-
-
-def router_aux_loss_of(model) -> Optional[tuple[int, int, float]]:
-    """(experts, top_k, coefficient) when `model.config.output_router_logits` asks for the aux loss, else None."""
-    if not getattr(model.config, "output_router_logits", False):
-        return None
-    spec = getattr(model.arch, "router_aux_loss", None)
-    return spec() if spec is not None else None
-
-
-@contextlib.contextmanager
-def recording_router_logits(chunks: Sequence[nn.Module]) -> Iterator[list]:
-    """Collect every MoE layer's router logits ([tokens..., experts], graph kept) while the block runs.
-
-    A forward hook on megatron's TopKRouter evaluates the router's own `gating` again on the router's
-    input: one [tokens, hidden] × [hidden, experts] product, the same numbers as the logits the router
-    routed with, with their autograd graph (megatron's router returns only probabilities and the map).
-    """
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    recorded: list = []
-    routers = [m for chunk in chunks for m in _unwrap(chunk).modules() if isinstance(m, TopKRouter)]
-    handles = [r.register_forward_hook(lambda module, args, output: recorded.append(module.gating(args[0])))
-               for r in routers]
-    try:
-        yield recorded
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def router_token_mask(attention_mask: Optional[torch.Tensor], sequence_parallel: bool) -> Optional[torch.Tensor]:
-    """HF's padding mask [b, s] as the router sees its tokens: [s_local · b] in megatron's [s, b] order.
-
-    Under sequence parallelism each tensor-parallel rank routes its own slice of the sequence.
-    """
-    if attention_mask is None:
-        return None
-    mask = attention_mask.transpose(0, 1)
-    if sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
-        size = mask.shape[0] // ps.get_tensor_model_parallel_world_size()
-        start = ps.get_tensor_model_parallel_rank() * size
-        mask = mask[start : start + size]
-    return mask.reshape(-1).float()
-
-
-def load_balancing_loss(
-    router_logits: Sequence[torch.Tensor], spec: RouterAuxLoss, token_mask: Optional[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' `load_balancing_loss_func` over all layers' router logits, across ranks.
-
-    transformers (Switch Transformer, eqs. 4-6) accumulates over every layer's tokens the top-k
-    assignment counts c_e, the softmax probabilities p_e and the (unmasked) rows R, then returns
-    E · Σ_e (c_e / R) · (p_e / R): one product of layer-pooled statistics, not a sum over layers.
-    Here the three sums of this rank are summed over `spec.groups`; the counts carry no gradient, so
-    the rank's share E · Σ_e (c_e / R) · (p_e,local / R) has exactly its part of the gradient, and the
-    shares of all ranks add up to the loss.
-
-    Returns (loss, this rank's differentiable share), both fp32.
-    """
-    experts = spec.experts
-    device = router_logits[0].device if router_logits else torch.device("cpu")
-    counts = torch.zeros(experts, dtype=torch.float32, device=device)
-    probs = torch.zeros(experts, dtype=torch.float32, device=device)
-    rows = torch.zeros((), dtype=torch.float32, device=device)
-    for logits in router_logits:
-        weights = nn.functional.softmax(logits.reshape(-1, experts), dim=-1)  # in the logits' dtype, as HF
-        _, selected = torch.topk(weights, spec.top_k, dim=-1)
-        mask = token_mask if token_mask is not None else torch.ones(weights.shape[0], device=device)
-        mask = mask.to(device=device, dtype=torch.float32)
-        counts = counts.scatter_add(0, selected.reshape(-1), mask.repeat_interleave(spec.top_k))
-        probs = probs + (weights.float() * mask[:, None]).sum(0)
-        rows = rows + mask.sum()
-    totals = torch.cat([counts, probs.detach(), rows[None]])
-    for group in spec.groups:
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(totals, group=group)
-    counts, all_probs, rows = totals[:experts], totals[experts : 2 * experts], totals[-1]
-    share = (counts / rows) * experts
-    loss = torch.sum((counts / rows) * (all_probs / rows)) * experts
-    return loss, torch.sum(share * (probs / rows))
-
-
 class PipelineStep:
     """Runs forward (+ backward) of one batch over this rank's model chunks with megatron's schedule.
 
@@ -224,6 +135,8 @@ class PipelineStep:
         self.window = model.arch.sliding_window()
         # transformers' MoE load-balancing loss (config.output_router_logits); set by the trainer per run.
         self.aux: Optional[RouterAuxLoss] = None
+        self._record_router = False  # the aux loss from this forward's own router logits (one pass)
+        self._router_mask: Optional[torch.Tensor] = None  # the running micro-batch's tokens, as routers see them
 
     # -- the two functions the schedule calls -----------------------------------------------------
     def _forward_step(self, data_iterator, chunk_module, *, divisor: torch.Tensor):
@@ -243,14 +156,15 @@ class PipelineStep:
         hidden = None if chunk.pre_process else chunk.decoder.input_tensor
         if isinstance(hidden, list):
             hidden = hidden[0]
-        if self.aux is None:
-            output = run_chunk(chunk, inputs, hidden)
-            router = None
-        else:
+        router = None
+        if self.aux is not None:
+            self._router_mask = router_token_mask(batch.get("attention_mask"), self.layout.sequence_parallel)
+        if self._record_router:
             with recording_router_logits([chunk]) as router_logits:
                 output = run_chunk(chunk, inputs, hidden)
-            mask = router_token_mask(batch.get("attention_mask"), self.layout.sequence_parallel)
-            router = (router_logits, mask)
+            router = (router_logits, self._router_mask)
+        else:
+            output = run_chunk(chunk, inputs, hidden)
         return output, functools.partial(self._loss, shifted_targets(batch["labels"]), divisor, router)
 
     def _loss(self, targets: torch.Tensor, divisor: torch.Tensor, router, logits: torch.Tensor):
@@ -295,19 +209,33 @@ class PipelineStep:
             # pairs same-peer messages by posting order, so at pp=2 the interleaved schedule would
             # receive a gradient as an activation. Unbatched ops give each direction its own group.
             config.batch_p2p_comm = False
-        iterators = [iter(micro) for _ in chunks]
-        outputs = get_forward_backward_func()(
-            forward_step_func=functools.partial(self._forward_step, divisor=divisor),
-            data_iterator=iterators if len(chunks) > 1 else iterators[0],
-            model=list(chunks),
-            num_microbatches=count,
-            seq_length=seq,
-            micro_batch_size=rows // count,
-            forward_only=forward_only,
-        )
-        return self._reduce(outputs, batch["input_ids"].device)
 
-    def _reduce(self, outputs: list, device) -> StepResult:
+        def schedule(forward_only: bool) -> list:
+            iterators = [iter(micro) for _ in chunks]
+            return get_forward_backward_func()(
+                forward_step_func=functools.partial(self._forward_step, divisor=divisor),
+                data_iterator=iterators if len(chunks) > 1 else iterators[0],
+                model=list(chunks),
+                num_microbatches=count,
+                seq_length=seq,
+                micro_batch_size=rows // count,
+                forward_only=forward_only,
+            )
+
+        # The aux loss from one forward's router logits needs the whole batch on every layer in one pass;
+        # otherwise a counting pass first (router_aux.PooledRouting).
+        pooled = None
+        self._record_router = self.aux is not None and self.layout.pp == 1 and count == 1
+        if self.aux is not None and not self._record_router:
+            pooled = PooledRouting(self.aux, chunks, _loss_scale(config))
+            counted = pooled.count(lambda: schedule(forward_only=True), lambda: self._router_mask)
+            if forward_only:
+                return self._reduce(counted, batch["input_ids"].device, pooled)
+        with pooled.attaching(lambda: self._router_mask) if pooled is not None else contextlib.nullcontext():
+            outputs = schedule(forward_only)
+        return self._reduce(outputs, batch["input_ids"].device, pooled)
+
+    def _reduce(self, outputs: list, device, pooled: Optional[PooledRouting] = None) -> StepResult:
         """Sum the last stage's measurements over data-parallel replicas; every rank gets the totals.
 
         One all-reduce over the world: the first tensor-parallel rank of each replica's last pipeline
@@ -322,13 +250,19 @@ class PipelineStep:
                 totals[2] += record["tokens"]
         if self.aux is not None and (not dist.is_initialized() or dist.get_rank() == 0):
             # The aux loss is already the whole batch's, the same on every rank: counted once.
-            totals[3] = sum(record["aux"] for record in outputs)
+            totals[3] = pooled.value.double() if pooled is not None else sum(record["aux"] for record in outputs)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
         if self.aux is None:
             return StepResult(loss=totals[0], loss_sum=totals[1], tokens=totals[2])
         loss = totals[0] + self.aux.coefficient * totals[3]
         return StepResult(loss=loss, loss_sum=totals[1], tokens=totals[2], aux=totals[3])
+
+
+def _loss_scale(config):
+    """The fp16 loss scale megatron's schedule multiplies the loss by (1 without loss scaling)."""
+    scale = config.grad_scale_func
+    return (lambda: float(scale(torch.ones(())))) if scale is not None else (lambda: 1.0)
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -39,7 +38,10 @@ from transformers.utils import logging
 
 from ..modeling import MCoreModelForCausalLM
 from ..runtime.cpu import enable_cpu_training_support
+from ..runtime.parallel import barrier
 from . import checkpoint as ckpt
+from . import optimizer as megatron_optimizer
+from .arguments import check_arguments, choose_optimizer, enable_recompute, find_mcore_model
 from .data import (
     check_replica_agrees,
     data_parallel_loaders,
@@ -48,7 +50,6 @@ from .data import (
     truncate_to,
 )
 from .errors import TrainingError
-from . import optimizer as megatron_optimizer
 from .grads import (
     EvalModule,
     ModelParallelGradScaler,
@@ -58,65 +59,17 @@ from .grads import (
     swap_optimizer_params,
     wrap_chunks,
 )
-from .step import (
-    IGNORE_INDEX,
-    PipelineStep,
-    RouterAuxLoss,
-    count_valid_targets,
-    router_aux_loss_of,
-    shifted_targets,
-)
+from .saving import write_into_folder
+from .router_aux import RouterAuxLoss, router_aux_loss_of
+from .step import IGNORE_INDEX, PipelineStep, count_valid_targets, shifted_targets
 
 logger = logging.get_logger(__name__)
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
-EXPORT_SCRATCH = ".mcore-export"
-
-
-def find_mcore_model(model: Any) -> MCoreModelForCausalLM:
-    """The MCoreModelForCausalLM inside `model` (itself, or the base model of a PEFT wrapper)."""
-    inner = model
-    for _ in range(4):
-        if isinstance(inner, MCoreModelForCausalLM):
-            return inner
-        if hasattr(inner, "get_base_model"):
-            inner = inner.get_base_model()
-        elif hasattr(inner, "base_model") and inner.base_model is not inner:
-            inner = inner.base_model
-        else:
-            break
-    raise TrainingError(
-        f"MCoreTrainer trains an MCoreModelForCausalLM (optionally wrapped by PEFT); got {type(model).__name__}. "
-        "Load the model with MCoreModelForCausalLM.from_pretrained(..., tp=, pp=), or use transformers.Trainer "
-        "for other models."
-    )
 
 
 def _model_parallel_size() -> int:
     return ps.get_model_parallel_group().size() if dist.is_initialized() else 1
-
-
-def enable_recompute(model: MCoreModelForCausalLM, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
-                     offload: bool = False) -> None:
-    """transformers' activation checkpointing → megatron's full-layer recompute.
-
-    every_n_layers=1 recomputes every layer ("uniform", one layer per checkpoint); n > 1 recomputes
-    the first 1/n of each chunk's layers ("block"), the same share of layers. `offload` is not supported.
-    """
-    if offload:
-        raise TrainingError("activation_checkpointing offload=True is not supported by MCoreTrainer.")
-    config = model.chunks[0].config
-    layers = len(model.chunks[0].decoder.layers)
-    config.recompute_granularity = "full"
-    if every_n_layers <= 1:
-        config.recompute_method, config.recompute_num_layers = "uniform", 1
-    else:
-        config.recompute_method = "block"
-        config.recompute_num_layers = max(1, -(-layers // every_n_layers))
-
-
-def disable_recompute(model: MCoreModelForCausalLM) -> None:
-    model.chunks[0].config.recompute_granularity = None
 
 
 class MCoreTrainer(Trainer):
@@ -151,8 +104,10 @@ class MCoreTrainer(Trainer):
         self._grads: Optional[ShardedGrads] = None  # the torch-optimizer path's gradient bookkeeping
         self._megatron_optimizer: Optional[megatron_optimizer.MegatronOptimizerForTrainer] = None
         super().__init__(model, args, *trainer_args, **kwargs)
-        self._check_arguments()
-        self.uses_megatron_optimizer = self._choose_optimizer(megatron_optimizer, distributed_optimizer)
+        check_arguments(self.args, self.compute_loss_func)
+        self.uses_megatron_optimizer = choose_optimizer(
+            self.args, self.model, mcore, megatron_optimizer, distributed_optimizer, given=self.optimizer is not None
+        )
         self.distributed_optimizer = distributed_optimizer
         pp = mcore.layout.pp
         if micro_batch_size is None:
@@ -184,60 +139,6 @@ class MCoreTrainer(Trainer):
             # Trainer.train() calls this for activation_checkpointing=True. transformers' version wraps HF
             # decoder layers; megatron recomputes its own (proposed as a method of the model class).
             mcore.activation_checkpointing_enable = functools.partial(enable_recompute, mcore)
-
-    def _choose_optimizer(self, wanted: Optional[bool], distributed: bool) -> bool:
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        in_chunks = {id(p) for chunk in self._mcore.chunks for p in chunk.parameters()}
-        outside = any(id(p) not in in_chunks for p in trainable)
-        reason = megatron_optimizer.megatron_optimizer_unsupported(self.args, outside, distributed)
-        if self.optimizer is not None:
-            reason = "an optimizer was passed in (optimizers=...)"
-        if reason is not None and (wanted or distributed):
-            raise TrainingError(
-                f"megatron-core's optimizer{' (distributed_optimizer=True)' if distributed else ''} cannot train here: "
-                f"{reason}. Use optim='adamw_torch' (or 'sgd') without optim_args, or MCoreTrainer(megatron_optimizer="
-                "False, distributed_optimizer=False) for transformers' optimizer."
-            )
-        if reason is not None and wanted is None:
-            logger.info(f"MCoreTrainer steps transformers' torch optimizer: {reason}.")
-        return reason is None and wanted is not False
-
-    # ---- arguments the backend cannot honour -----------------------------------------------------
-    def _check_arguments(self) -> None:
-        args = self.args
-        refused = {
-            "deepspeed": args.deepspeed,
-            "fsdp": bool(args.fsdp),
-            "torch_compile": args.torch_compile,
-            "auto_find_batch_size": args.auto_find_batch_size,
-            "neftune_noise_alpha": args.neftune_noise_alpha is not None,
-            "use_liger_kernel": args.use_liger_kernel,
-            "label_smoothing_factor": args.label_smoothing_factor != 0,
-            "compute_loss_func": self.compute_loss_func is not None,
-            "parallelism_config": getattr(args, "parallelism_config", None) is not None,
-        }
-        for name, value in refused.items():
-            if value:
-                reason = {
-                    "deepspeed": "megatron-core shards the model itself (tp/pp/dp); DeepSpeed would shard it again",
-                    "fsdp": "megatron-core shards the model itself (tp/pp/dp); FSDP would shard it again",
-                    "parallelism_config": "parallel sizes come from MCoreModelForCausalLM.from_pretrained(tp=, pp=)",
-                }.get(name, "the loss is computed by megatron's vocab-parallel cross-entropy inside the pipeline")
-                raise TrainingError(f"MCoreTrainer does not support `{name}`: {reason}.")
-        if args.fp16 and args.bf16:
-            raise TrainingError("fp16=True and bf16=True together: choose one mixed-precision dtype.")
-        if args.optim in ("lomo", "adalomo"):
-            raise TrainingError(f"optim={args.optim!r} fuses the optimizer into backward; MCoreTrainer steps after "
-                                "megatron reduces the gradients. Choose another optimizer (e.g. adamw_torch).")
-        ignored = [
-            name for name in ("ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph")
-            if getattr(args, name, None) is not None
-        ]
-        if ignored:
-            logger.warning(
-                f"MCoreTrainer ignores {', '.join(ignored)}: they configure torch DDP, and gradients are reduced by "
-                "megatron-core's DistributedDataParallel over the data-parallel group instead."
-            )
 
     # ---- model wrapping ------------------------------------------------------------------------
     def _training_state(self) -> TrainingModule:
@@ -315,6 +216,7 @@ class MCoreTrainer(Trainer):
         self._megatron_optimizer = megatron_optimizer.build(
             self.args, list(state.ddp_chunks), no_decay, self._mcore.dtype, self.distributed_optimizer
         )
+        self._megatron_optimizer.on_skip = self._report_skipped_step
         if self.args.fp16:  # megatron's schedule runs backward on loss × the optimizer's dynamic scale
             self._mcore.chunks[0].config.grad_scale_func = self._megatron_optimizer.scale_loss
         self.optimizer = self._megatron_optimizer
@@ -389,28 +291,21 @@ class MCoreTrainer(Trainer):
         """transformers' MoE load-balancing loss when `config.output_router_logits` asks for it.
 
         Computed over each micro-step's whole batch (every data-parallel replica, every TP rank's slice
-        of the sequence), so the value and gradient are transformers' on the global batch. That needs
-        the whole batch in one forward per replica before its backward: one pipeline stage, one
-        micro-batch per device batch, no recompute. Other layouts are refused rather than trained
-        with another loss.
+        of the sequence, every pipeline stage's layers), so the value and gradient are transformers' on
+        the global batch. When one forward does not hold the whole batch on every layer (pp > 1, several
+        micro-batches) a counting forward runs first (router_aux.PooledRouting). Refused under
+        activation checkpointing: a recomputed router cannot tell which micro-batch's padding it routes.
         """
         spec = router_aux_loss_of(self._mcore)
         if spec is None:
             return None
         layout, config = self._mcore.layout, self._mcore.chunks[0].config
-        reasons = []
-        if layout.pp > 1:
-            reasons.append(f"pp={layout.pp}: the loss pools router statistics over every layer, on every stage")
-        if self.micro_batch_size < self.args.per_device_train_batch_size:
-            reasons.append(f"micro_batch_size={self.micro_batch_size} < per_device_train_batch_size: the loss pools "
-                           "the routing of the whole batch")
         if config.recompute_granularity is not None:
-            reasons.append("activation checkpointing: the router logits would be recorded without their graph")
-        if reasons:
             raise TrainingError(
                 "config.output_router_logits=True (transformers' MoE load-balancing loss) is not supported with "
-                + "; ".join(reasons) + ". Train with pp=1, the default micro_batch_size and no gradient "
-                "checkpointing, or set model.config.output_router_logits=False (cross-entropy only)."
+                "activation checkpointing: the recomputed routers' logits would be paired with another micro-batch's "
+                "padding. Train without gradient_checkpointing, or set model.config.output_router_logits=False "
+                "(cross-entropy only)."
             )
         groups = [ps.get_data_parallel_group()] if dist.is_initialized() else []
         if layout.sequence_parallel and layout.tp > 1:
@@ -438,8 +333,6 @@ class MCoreTrainer(Trainer):
             self._grads.reduce_extras()
             self._grads.publish()
             self._unscaled = False
-        if self._megatron_optimizer is not None:
-            self._megatron_optimizer.on_skip = self._report_skipped_step
         return result.loss.to(self.args.device, torch.float32)
 
     def _unscale_gradients(self) -> None:
@@ -499,10 +392,8 @@ class MCoreTrainer(Trainer):
         if prediction_loss_only and labels is not None:
             batch = self._model_batch(inputs)
             self._step.aux = self._router_aux_loss()
-            # The aux loss pools the routing of the whole batch: one micro-batch (pp=1 there).
-            micro = batch["input_ids"].shape[0] if self._step.aux is not None else self.micro_batch_size
             with torch.no_grad():
-                result = self._step.run(self._mcore.chunks, batch, micro, None, forward_only=True)
+                result = self._step.run(self._mcore.chunks, batch, self.micro_batch_size, None, forward_only=True)
             loss = result.loss_sum / result.tokens.clamp(min=1)
             if result.aux is not None:  # transformers' eval loss includes coefficient × aux, per batch
                 loss = loss + self._step.aux.coefficient * result.aux
@@ -544,7 +435,7 @@ class MCoreTrainer(Trainer):
             logger.warning_once("MCoreTrainer saves the model's own weights; the state_dict argument is ignored.")
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-        _barrier()
+        barrier()
         if _is_peft_model(self.model):
             from ..peft import save_adapter  # an HF PEFT folder at any tp / pp
 
@@ -555,7 +446,7 @@ class MCoreTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        _barrier()
+        barrier()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         ckpt.save_training_state(output_dir, self._mcore, self.model, self._stepping_optimizer(), self._grads)
@@ -600,36 +491,3 @@ def _cast_chunks(mcore: MCoreModelForCausalLM, dtype: torch.dtype, warning: str)
     logger.warning(warning)
     for chunk in mcore.chunks:
         chunk.to(dtype)
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def write_into_folder(output_dir: str, writer) -> None:
-    """Collective: run `writer(folder)` (save_pretrained, save_adapter) into `output_dir` without
-    disturbing other files there (checkpoints, logs).
-
-    Those writers replace their target whole, so they write into a scratch folder inside `output_dir`;
-    rank 0 then moves the files up, first removing weights left by an earlier save (shard sets differ).
-    """
-    scratch = os.path.join(output_dir, EXPORT_SCRATCH)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0 and os.path.exists(scratch):
-        shutil.rmtree(scratch)
-    _barrier()
-    writer(scratch)
-    if rank0:
-        written = os.listdir(scratch)
-        if any(name.endswith(".safetensors") for name in written):
-            for name in os.listdir(output_dir):
-                if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")):
-                    os.remove(os.path.join(output_dir, name))
-        for name in written:
-            target = os.path.join(output_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(scratch, name), target)
-        shutil.rmtree(scratch)
-    _barrier()
