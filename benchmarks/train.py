@@ -4,8 +4,9 @@
     python benchmarks/train.py --steps 20 --hidden 512 --json out.json
 
 Both trainers run the same optimizer steps on the same batches (AdamW, fp32, no accumulation); the
-figure is tokens per second over the timed steps (after `--warmup` untimed ones). Prints one line per
-trainer and the ratio.
+figure is tokens per second over the timed steps (after `--warmup` untimed ones). The two trainers take
+turns `--rounds` times on fresh models (a shared machine drifts by ±10 % over a minute); prints each
+trainer's median over the rounds, every round's ratio, and the median ratio.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each trainer")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -77,19 +79,26 @@ def main() -> None:
     rows = args.batch * (args.warmup + args.steps)
     data = [{"input_ids": (ids := torch.randint(0, args.vocab, (args.seq,), generator=generator)), "labels": ids.clone()}
             for _ in range(rows)]
+    rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = make_checkpoint(os.path.join(scratch, "model"), args)
-        results = {
-            "transformers.Trainer": run(Trainer, AutoModelForCausalLM.from_pretrained(folder), args, data,
-                                        os.path.join(scratch, "hf")),
-            "MCoreTrainer (tp=1)": run(MCoreTrainer, MCoreModelForCausalLM.from_pretrained(folder), args, data,
-                                       os.path.join(scratch, "mcore")),
-        }
-    for name, result in results.items():
-        print(f"{name:<22} {result['tokens_per_s']:>9.0f} tokens/s  (median {result['step_s'] * 1000:.0f} ms/step, "
-              f"best {result['best_tokens_per_s']:.0f} tokens/s; {result['steps']} steps of {args.batch} x {args.seq} tokens)")
-    ratio = results["MCoreTrainer (tp=1)"]["tokens_per_s"] / results["transformers.Trainer"]["tokens_per_s"]
-    print(f"MCoreTrainer / Trainer: {ratio:.2f}x   (torch threads: {torch.get_num_threads()})")
+        for index in range(args.rounds):
+            rounds.append({
+                "transformers.Trainer": run(Trainer, AutoModelForCausalLM.from_pretrained(folder), args, data,
+                                            os.path.join(scratch, f"hf{index}")),
+                "MCoreTrainer (tp=1)": run(MCoreTrainer, MCoreModelForCausalLM.from_pretrained(folder), args, data,
+                                           os.path.join(scratch, f"mcore{index}")),
+            })
+    results = {}
+    for name in rounds[0]:
+        speeds = sorted(r[name]["tokens_per_s"] for r in rounds)
+        results[name] = {"tokens_per_s": speeds[len(speeds) // 2], "per_round": [r[name] for r in rounds]}
+        print(f"{name:<22} {results[name]['tokens_per_s']:>9.0f} tokens/s  (median of {args.rounds} rounds; "
+              f"{', '.join(f'{s:.0f}' for s in speeds)}; {args.steps} steps of {args.batch} x {args.seq} tokens each)")
+    ratios = [r["MCoreTrainer (tp=1)"]["tokens_per_s"] / r["transformers.Trainer"]["tokens_per_s"] for r in rounds]
+    ratio = sorted(ratios)[len(ratios) // 2]
+    print(f"MCoreTrainer / Trainer per round: {', '.join(f'{x:.2f}x' for x in ratios)}")
+    print(f"MCoreTrainer / Trainer: {ratio:.2f}x median   (torch threads: {torch.get_num_threads()})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "results": results, "ratio": ratio}, f, indent=1)
