@@ -1,8 +1,11 @@
 """Megatron-core on CPU: the few places where mcore 0.16 assumes CUDA, bridged explicitly.
 
 Nothing here runs at import time. `enable_cpu_support()` is called by the runtime when the
-chosen device is the CPU; each patch below names the mcore code it bridges. The patches were
-written against megatron-core 0.16; another version logs a warning (they may still be right).
+chosen device is the CPU, `enable_cpu_training_support()` by MCoreTrainer; megatron's optimizer runs
+inside `megatron_optimizer_device()`, a scoped torch function mode. The last three functions bridge
+bugs of megatron's torch-optimizer fallback (no Transformer Engine / Apex, as on every CPU) in its
+distributed-optimizer checkpoints. Each bridge names the mcore code it bridges. They were written
+against megatron-core 0.16; another version logs a warning (they may still be right).
 """
 
 from __future__ import annotations

@@ -12,12 +12,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from transformers.utils import logging
 
 from ..runtime.cpu import megatron_optimizer_device
 from .errors import TrainingError
-
-logger = logging.get_logger(__name__)
 
 # transformers' `optim` names that megatron-core's optimizer computes (its Adam is decoupled: AdamW).
 MEGATRON_OPTIMIZERS = {
@@ -28,9 +25,13 @@ MEGATRON_OPTIMIZERS = {
 }
 
 
+def _optim_name(args) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
 def megatron_optimizer_unsupported(args, trainable_outside_chunks: bool, distributed: bool) -> Optional[str]:
     """Why megatron-core's optimizer cannot train with these arguments (None: it can)."""
-    optim = str(getattr(args.optim, "value", args.optim))
+    optim = _optim_name(args)
     if optim not in MEGATRON_OPTIMIZERS:
         return f"optim={optim!r} is not one of megatron-core's optimizers ({', '.join(MEGATRON_OPTIMIZERS)})"
     if distributed and MEGATRON_OPTIMIZERS[optim] == "sgd":
@@ -48,7 +49,7 @@ def optimizer_config(args, dtype: torch.dtype, distributed: bool):
     from megatron.core.optimizer import OptimizerConfig
 
     return OptimizerConfig(
-        optimizer=MEGATRON_OPTIMIZERS[str(getattr(args.optim, "value", args.optim))],
+        optimizer=MEGATRON_OPTIMIZERS[_optim_name(args)],
         lr=args.learning_rate,
         weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1,
@@ -77,7 +78,7 @@ def build(args, chunks: list, no_decay: set[int], dtype: torch.dtype, distribute
     with megatron_optimizer_device():
         megatron = get_megatron_optimizer(config, chunks, config_overrides={no_decay_key: {"wd_mult": 0.0}})
     adapter = MegatronOptimizerForTrainer(megatron)
-    if str(getattr(args.optim, "value", args.optim)) == "adamw_torch_fused":
+    if _optim_name(args) == "adamw_torch_fused":
         use_torch_fused_kernel(adapter)
     return adapter
 
