@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 
@@ -96,6 +96,22 @@ def launch(worker: str, args: list[str], world: int, timeout_s: float, log_path:
            env: Optional[dict] = None) -> tuple[Optional[int], str]:
     """Run `worker *args` on `world` ranks and wait: (exit code or None on the timeout, log); see Started."""
     return Started(worker, args, world, log_path, env).wait(timeout_s)
+
+
+def once_per_key(worker: str, inputs: str, tmp_path_factory, prefix: str, world_of: Callable[[str], int],
+                 timeout_s: float) -> Callable[[str], tuple[str, str]]:
+    """`get(key)` runs `worker key INPUTS OUT` on `world_of(key)` ranks the first time `key` is asked for
+    (OUT a fresh folder `prefix-key`) and returns (OUT, the log's last 8000 characters) every time."""
+    done: dict[str, tuple[str, str]] = {}
+
+    def get(key: str) -> tuple[str, str]:
+        if key not in done:
+            out = str(tmp_path_factory.mktemp(f"{prefix}-{key}"))
+            _, log = launch(worker, [key, inputs, out], world_of(key), timeout_s, os.path.join(out, "worker.log"))
+            done[key] = (out, log[-8000:])
+        return done[key]
+
+    return get
 
 
 def worker_record(out: str, run: str, log: str, name: str = "record.json") -> dict:

@@ -21,7 +21,7 @@ from dist_lora_worker import (  # noqa: E402
     ADAPTERS, ALL, CASES, LAYOUTS, adapter_path, case_record, hf_logits, make_inputs, parametrize_cases, prepare,
     read_safetensors,
 )
-from launching import launch as launch_worker  # noqa: E402
+import launching  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_lora_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -44,18 +44,15 @@ def lora_root(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def lora_launch(lora_root, tmp_path_factory):
-    """`lora_launch(layout)` runs the worker for that layout once per session; returns its output folder."""
-    done: dict[str, tuple[str, str]] = {}
+    """`lora_launch(layout)` runs the worker for that layout once per session; returns its output folder
+    (`lora_launch.log(layout)`: the launch's log)."""
+    get = launching.once_per_key(WORKER, lora_root, tmp_path_factory, "lora", lambda layout: LAYOUTS[layout]["world"],
+                                 LAUNCH_TIMEOUT_S)
 
     def launch(layout: str) -> str:
-        if layout not in done:
-            out = str(tmp_path_factory.mktemp(f"lora-{layout}"))
-            _, log = launch_worker(WORKER, [layout, lora_root, out], LAYOUTS[layout]["world"], LAUNCH_TIMEOUT_S,
-                                   os.path.join(out, "worker.log"))
-            done[layout] = (out, log)
-        return done[layout][0]
+        return get(layout)[0]
 
-    launch.log = lambda layout: done[layout][1]
+    launch.log = lambda layout: get(layout)[1]
     return launch
 
 

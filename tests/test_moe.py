@@ -25,7 +25,7 @@ from safetensors import safe_open
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_moe_worker import CHECKPOINTS, ERRORS, LAYOUTS, MTP_LAYER, PARITY, build_checkpoints, make_batch  # noqa: E402
-from launching import launch  # noqa: E402
+import launching  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_moe_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -49,18 +49,8 @@ def moe_checkpoints(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def moe_launch(moe_checkpoints, tmp_path_factory):
     """`moe_launch(layout)`: run the worker for that layout once per session; returns (out folder, log)."""
-    cache: dict[str, tuple[str, str]] = {}
-
-    def get(layout: str) -> tuple[str, str]:
-        if layout in cache:
-            return cache[layout]
-        out = str(tmp_path_factory.mktemp(f"moe-{layout}"))
-        _, log = launch(WORKER, [layout, moe_checkpoints, out], LAYOUTS[layout]["world"], LAUNCH_TIMEOUT_S,
-                        os.path.join(out, "worker.log"))
-        cache[layout] = (out, log)
-        return cache[layout]
-
-    return get
+    return launching.once_per_key(WORKER, moe_checkpoints, tmp_path_factory, "moe",
+                                  lambda layout: LAYOUTS[layout]["world"], LAUNCH_TIMEOUT_S)
 
 
 def _record(moe_launch, layout: str, name: str, rank: int = 0) -> dict:

@@ -41,18 +41,9 @@ def trainer_checkpoints(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def launch(trainer_checkpoints, tmp_path_factory):
-    """`launch(name)` runs the worker for that launch once per session; returns its output folder."""
-    done: dict[str, tuple[str, str]] = {}
-
-    def get(name: str) -> str:
-        if name not in done:
-            out = str(tmp_path_factory.mktemp(f"trainer-{name}"))
-            _, log = launching.launch(WORKER, [name, trainer_checkpoints, out], W.LAUNCHES[name]["world"],
-                                      LAUNCH_TIMEOUT_S, os.path.join(out, "worker.log"))
-            done[name] = (out, log[-8000:])
-        return done[name]
-
-    return get
+    """`launch(name)` runs the worker for that launch once per session; returns (output folder, log)."""
+    return launching.once_per_key(WORKER, trainer_checkpoints, tmp_path_factory, "trainer",
+                                  lambda name: W.LAUNCHES[name]["world"], LAUNCH_TIMEOUT_S)
 
 
 def record_of(launch, run: str) -> tuple[dict, str]:

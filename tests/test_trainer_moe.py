@@ -48,17 +48,9 @@ def moe_root(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def launch(moe_root, tmp_path_factory):
-    done: dict[str, tuple[str, str]] = {}
-
-    def get(name: str) -> tuple[str, str]:
-        if name not in done:
-            out = str(tmp_path_factory.mktemp(f"trainer-moe-{name}"))
-            _, log = launching.launch(WORKER, [name, moe_root, out], M.LAUNCHES[name]["world"], LAUNCH_TIMEOUT_S,
-                                      os.path.join(out, "worker.log"))
-            done[name] = (out, log[-8000:])
-        return done[name]
-
-    return get
+    """`launch(name)` runs the worker for that launch once; returns (output folder, log)."""
+    return launching.once_per_key(WORKER, moe_root, tmp_path_factory, "trainer-moe",
+                                  lambda name: M.LAUNCHES[name]["world"], LAUNCH_TIMEOUT_S)
 
 
 def read(launch, run: str, name: str = "record.json") -> dict:
