@@ -5,8 +5,9 @@
 
 Both trainers run the same optimizer steps on the same batches (AdamW, fp32, no accumulation); the
 figure is tokens per second over the timed steps (after `--warmup` untimed ones). The two trainers take
-turns `--rounds` times on fresh models (a shared machine drifts by ±10 % over a minute); prints each
-trainer's median over the rounds, every round's ratio, and the median ratio.
+turns `--rounds` times on fresh models, the one going first alternating (a shared machine drifts by
+±10 % over a minute, and a run after another in the same process is slower); prints each trainer's
+median over the rounds, every round's ratio, and the median ratio.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -82,21 +84,22 @@ def main() -> None:
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = make_checkpoint(os.path.join(scratch, "model"), args)
+        trainers = {
+            "transformers.Trainer": lambda out: run(Trainer, AutoModelForCausalLM.from_pretrained(folder), args, data, out),
+            "MCoreTrainer (tp=1)": lambda out: run(MCoreTrainer, MCoreModelForCausalLM.from_pretrained(folder), args, data,
+                                                   out),
+        }
         for index in range(args.rounds):
-            rounds.append({
-                "transformers.Trainer": run(Trainer, AutoModelForCausalLM.from_pretrained(folder), args, data,
-                                            os.path.join(scratch, f"hf{index}")),
-                "MCoreTrainer (tp=1)": run(MCoreTrainer, MCoreModelForCausalLM.from_pretrained(folder), args, data,
-                                           os.path.join(scratch, f"mcore{index}")),
-            })
+            order = list(trainers) if index % 2 == 0 else list(reversed(trainers))  # who goes first alternates
+            rounds.append({name: trainers[name](os.path.join(scratch, f"{index}-{len(name)}")) for name in order})
     results = {}
     for name in rounds[0]:
         speeds = sorted(r[name]["tokens_per_s"] for r in rounds)
-        results[name] = {"tokens_per_s": speeds[len(speeds) // 2], "per_round": [r[name] for r in rounds]}
+        results[name] = {"tokens_per_s": statistics.median(speeds), "per_round": [r[name] for r in rounds]}
         print(f"{name:<22} {results[name]['tokens_per_s']:>9.0f} tokens/s  (median of {args.rounds} rounds; "
               f"{', '.join(f'{s:.0f}' for s in speeds)}; {args.steps} steps of {args.batch} x {args.seq} tokens each)")
     ratios = [r["MCoreTrainer (tp=1)"]["tokens_per_s"] / r["transformers.Trainer"]["tokens_per_s"] for r in rounds]
-    ratio = sorted(ratios)[len(ratios) // 2]
+    ratio = statistics.median(ratios)
     print(f"MCoreTrainer / Trainer per round: {', '.join(f'{x:.2f}x' for x in ratios)}")
     print(f"MCoreTrainer / Trainer: {ratio:.2f}x median   (torch threads: {torch.get_num_threads()})")
     if args.json:
