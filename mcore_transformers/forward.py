@@ -59,6 +59,13 @@ def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.T
     return angles.transpose(0, 1).unsqueeze(2)
 
 
+def bare_chunk(module: torch.nn.Module) -> GPTModel:
+    """The GPTModel chunk under its wrappers (megatron DDP while training)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
 def run_chunk(chunk: GPTModel, inputs: ForwardInputs, hidden: Optional[torch.Tensor]) -> torch.Tensor:
     """Embedding (first chunk), decoder layers, then the local logits shard (last chunk)."""
     if chunk.pre_process:

@@ -170,7 +170,8 @@ def same_layout(folder: str, model) -> bool:
 
 
 def _check_optimizer_kind(folder: str, model, optimizer) -> None:
-    saved, current = _saved_layout(folder)["optimizer"], optimizer_kind(optimizer)
+    layout = _saved_layout(folder)
+    saved, current = layout["optimizer"], optimizer_kind(optimizer)
     if saved != current:
         switch = {
             "torch": "MCoreTrainer(megatron_optimizer=False)",
@@ -182,7 +183,7 @@ def _check_optimizer_kind(folder: str, model, optimizer) -> None:
             f"is laid out differently. Resume with {switch} (and the same optim), or start a new run from the "
             "checkpoint's HF weights: MCoreModelForCausalLM.from_pretrained(checkpoint, ...)."
         )
-    saved_ep, current_ep = _saved_layout(folder)["ep"], model.layout.ep
+    saved_ep, current_ep = layout["ep"], model.layout.ep
     if current != "torch" and (saved_ep > 1) != (current_ep > 1):
         raise TrainingError(
             f"{folder} was saved at ep={saved_ep}; this model runs ep={current_ep}. megatron-core's optimizer keeps the "
@@ -190,7 +191,7 @@ def _check_optimizer_kind(folder: str, model, optimizer) -> None:
             "between ep=1 and ep > 1. Resume at an ep on the same side, or train with MCoreTrainer(megatron_optimizer="
             "False), whose checkpoints reshard across any ep."
         )
-    saved_classes = _saved_layout(folder).get("optimizer_classes")
+    saved_classes = layout.get("optimizer_classes")
     if saved_classes is not None and saved_classes != optimizer_classes(optimizer):
         raise TrainingError(
             f"{folder} holds the state of {', '.join(saved_classes)}; this trainer steps "

@@ -28,12 +28,15 @@ DIST_DIR = "dist_ckpt"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def _chunks_by_key(model) -> dict:
+    """The model's chunks under Megatron-LM's keys: "model", or "model0", "model1"... under vpp."""
+    chunks = model.chunks
+    return {"model": chunks[0]} if len(chunks) == 1 else {f"model{i}": chunk for i, chunk in enumerate(chunks)}
+
+
 def model_sharded_state(model) -> dict:
     """The chunks' sharded state dicts under Megatron-LM's keys."""
-    chunks = model.chunks
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
+    return {key: chunk.sharded_state_dict() for key, chunk in _chunks_by_key(model).items()}
 
 
 def _write_in_this_process() -> None:
@@ -108,9 +111,7 @@ def load_model(path: str, model) -> None:
     wanted = model_sharded_state(model)
     with megatron_optimizer_device(), _not_fitting(path):
         loaded = dist_checkpointing.load(wanted, path)
-    chunks = model.chunks
-    keys = ["model"] if len(chunks) == 1 else [f"model{index}" for index in range(len(chunks))]
-    for key, chunk in zip(keys, chunks):
+    for key, chunk in _chunks_by_key(model).items():
         chunk.load_state_dict(loaded[key], strict=True)
 
 

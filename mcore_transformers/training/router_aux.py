@@ -25,6 +25,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
+from ..forward import bare_chunk
+
 
 @dataclass(frozen=True)
 class RouterAuxLoss:
@@ -52,7 +54,7 @@ def router_aux_loss_of(model) -> Optional[tuple[int, int, float]]:
 def _routers(chunks: Sequence[nn.Module]) -> list:
     from megatron.core.transformer.moe.router import TopKRouter
 
-    return [m for chunk in chunks for m in _unwrap(chunk).modules() if isinstance(m, TopKRouter)]
+    return [m for chunk in chunks for m in bare_chunk(chunk).modules() if isinstance(m, TopKRouter)]
 
 
 @contextlib.contextmanager
@@ -209,8 +211,3 @@ def _replayed_rng() -> Iterator[None]:
         yield
     tracker.set_states(streams)
 
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module

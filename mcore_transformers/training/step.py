@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
-from ..forward import ForwardInputs, attention_mask_for, rotary_angles, run_chunk
+from ..forward import ForwardInputs, attention_mask_for, bare_chunk, rotary_angles, run_chunk
 from .errors import TrainingError
 from .router_aux import (
     PooledRouting,
@@ -141,7 +141,7 @@ class PipelineStep:
     # -- the two functions the schedule calls -----------------------------------------------------
     def _forward_step(self, data_iterator, chunk_module, *, divisor: torch.Tensor):
         batch = next(data_iterator)
-        chunk = _unwrap(chunk_module)
+        chunk = bare_chunk(chunk_module)
         input_ids = batch["input_ids"]
         rows, seq = input_ids.shape
         positions = batch.get("position_ids")
@@ -202,7 +202,7 @@ class PipelineStep:
         micro = split_rows(batch, count)
         if divisor is None:
             divisor = torch.ones((), dtype=torch.float32, device=batch["input_ids"].device)
-        config = _unwrap(chunks[0]).config
+        config = bare_chunk(chunks[0]).config
         config.finalize_model_grads_func = _finalize_without_token_scaling if finalize_grads else None
         if self.layout.pp > 1 and dist.get_backend() == "gloo":
             # Batched p2p posts both directions between two pipeline ranks on one communicator; gloo
@@ -269,8 +269,3 @@ def _finalize_without_token_scaling(model, num_tokens=None, pg_collection=None, 
     """finalize_model_grads with the losses already divided by the step's token count (not by mcore)."""
     finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
 
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
