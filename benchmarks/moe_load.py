@@ -79,7 +79,7 @@ def checkpoint_bytes(folder: str) -> int:
 def run(ep: int) -> dict:
     import torch.distributed as dist
 
-    import mcore_transformers.modeling as modeling
+    import mcore_transformers.model.causal_lm as modeling
     from mcore_transformers import MCoreModelForCausalLM
 
     readers = []

@@ -4,7 +4,7 @@
 
 (--tp 2 must run under torchrun --nproc_per_node=2; the numbers printed are rank 0's.)
 
-Phase breakdown: every function `from_pretrained` calls by name from mcore_transformers.modeling
+Phase breakdown: every function `from_pretrained` calls by name from mcore_transformers.model.causal_lm
 (build_model, bind_parameters, check_checkpoint, load_parameters, ...) is wrapped with a timer, and
 `load_parameters` is split per rule type (time in `rule.load` and bytes handed out). Medians of
 --repeats warm loads (one untimed warm-up first). With --cprofile, one load and one save are also
@@ -50,7 +50,7 @@ def timed(name, fn):
 def instrument() -> None:
     import types
 
-    from mcore_transformers import modeling
+    from mcore_transformers.model import causal_lm as modeling
     from mcore_transformers.conversion import rules
 
     skip = {"cls", "logger"}

@@ -42,7 +42,7 @@ def build_demo_folder(folder: str) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from mcore_transformers.tiny import make_tiny_checkpoint
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     if os.path.exists(os.path.join(folder, "ready")):
         return

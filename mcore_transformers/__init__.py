@@ -6,12 +6,15 @@ starts fast and launcher processes do not import the whole stack.
 
 import importlib
 
-from .verify import VerificationError, VerifyReport, verify  # light: imports torch only when called
+from .versions import warn_if_untested
+from .tools.verify import VerificationError, VerifyReport, verify  # light: imports torch only when called
+
+warn_if_untested()  # once, at import: a transformers / peft / megatron-core release outside the tested range
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MCoreModelForCausalLM": ".modeling",
+    "MCoreModelForCausalLM": ".model.causal_lm",
     "ParallelConfig": ".runtime.parallel",
     "destroy_parallel_state": ".runtime.parallel",
     "MCoreTrainer": ".training",

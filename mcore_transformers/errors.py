@@ -27,3 +27,7 @@ class AdapterError(MCoreTransformersError):
 
 class GenerationError(MCoreTransformersError):
     """generate() was asked for something this model or its KV cache cannot do; the message says how to fix it."""
+
+
+class TrainingError(MCoreTransformersError):
+    """A training argument, batch or checkpoint that the megatron-core backend cannot use as given."""

@@ -220,7 +220,7 @@ def make_batches(vocab_size: int) -> dict[str, dict]:
 # ---- checkpoints --------------------------------------------------------------------------------
 def build_checkpoints(root: str) -> None:
     """Every checkpoint in CHECKPOINTS plus the damaged copies, under `root` (written once per session)."""
-    from mcore_transformers.tiny import make_tiny_checkpoint
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     for name, spec in CHECKPOINTS.items():
         make_tiny_checkpoint(

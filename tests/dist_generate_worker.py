@@ -26,7 +26,7 @@ LAYOUTS = {
 }
 MAIN_LAYOUTS = ("tp1", "tp2", "pp2")  # every case runs here; the others run the CORE cases
 
-CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tiny.make_tiny_checkpoint
+CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tools.tiny.make_tiny_checkpoint
     "llama": ("llama", {}),
     "mistral": ("mistral", {}),  # sliding window 7: decoding runs past it
     "qwen2": ("qwen2", {}),  # qkv bias
@@ -52,6 +52,9 @@ CASES: dict[str, tuple] = {
     "beam-sample": ("llama", "padded", dict(max_new_tokens=10, num_beams=2, **SAMPLING), True),
     "sample": ("llama", "padded", dict(max_new_tokens=16, num_return_sequences=2, **SAMPLING), True),
     "no-cache": ("llama", "padded", dict(max_new_tokens=12, use_cache=False), False),
+    # Assisted decoding: candidates checked several tokens at a time, rejected ones cropped from the cache.
+    "assisted-lookup": ("llama", "repeating", dict(max_new_tokens=24, prompt_lookup_num_tokens=3), False),
+    "assisted-draft": ("llama", "single", dict(max_new_tokens=24, num_assistant_tokens=4), False),  # + assistant_model
     "stopping-criteria": ("llama", "padded", dict(max_new_tokens=30), False),  # + StopAtLength(prompt + 7)
     "eos": ("llama", "padded", dict(max_new_tokens=24), False),  # eos = a token greedy-padded-llama emits
     "after-errors": ("llama", "padded", dict(max_new_tokens=24), False),  # the ranks are still in step
@@ -65,7 +68,8 @@ CASES: dict[str, tuple] = {
 MOE_CASES = ("moe-greedy-single", "moe-greedy-padded")
 TP1_CASES = ("mla-greedy-padded", "sinks-greedy-padded")
 CORE_CASES = ("greedy-padded-llama", "beam", "sample")
-ERROR_CASES = ("prompt-too-long", "cache-too-big", "foreign-cache", "cache-wrong-rows")
+ERROR_CASES = ("prompt-too-long", "cache-too-big", "foreign-cache", "cache-wrong-rows", "cache-not-passed")
+DRAFT_CHECKPOINT = "mistral"  # assisted-draft's assistant: another model over the same vocabulary
 
 
 def cases_for(layout: str) -> list[str]:
@@ -87,6 +91,10 @@ def make_prompts(kind: str, seed: int = 7):
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    if kind == "repeating":  # n-grams that recur, so prompt lookup proposes candidates
+        part = torch.randint(3, 250, (1, 5), generator=generator)
+        ids = torch.cat([part, torch.randint(3, 250, (1, 3), generator=generator), part], 1)
+        return ids, torch.ones_like(ids)
     if kind == "single":
         ids = torch.randint(3, 250, (1, 7), generator=generator)
         return ids, torch.ones_like(ids)
@@ -98,7 +106,7 @@ def make_prompts(kind: str, seed: int = 7):
     return ids.masked_fill(mask == 0, PAD), mask
 
 
-def generate_kwargs(name: str, eos: int | None = None) -> dict:
+def generate_kwargs(name: str, eos: int | None = None, root: str | None = None) -> dict:
     """The generate() kwargs of a case (the same for mcore and the transformers oracle)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -114,11 +122,43 @@ def generate_kwargs(name: str, eos: int | None = None) -> dict:
     kwargs = dict(CASES[name][2], pad_token_id=PAD, eos_token_id=eos)
     if name == "stopping-criteria":
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopAtLength(9 + 7)])
+    if name == "assisted-draft":
+        kwargs["assistant_model"] = draft_model(root)
     return kwargs
 
 
+_DRAFTS: dict = {}
+
+
+def draft_model(root: str):
+    """transformers' model of DRAFT_CHECKPOINT: the assistant whose candidates the target partly rejects."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if root not in _DRAFTS:
+        folder = os.path.join(root, DRAFT_CHECKPOINT)
+        _DRAFTS[root] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return _DRAFTS[root]
+
+
+def count_cache_rollbacks():
+    """Patch MCoreKVCache.crop to count the calls that dropped tokens; returns the counter (a list of one int)."""
+    from mcore_transformers.model.cache import MCoreKVCache
+
+    counter = [0]
+    crop = MCoreKVCache.crop
+
+    def counting_crop(self, tokens):
+        before = self.get_seq_length()
+        crop(self, tokens)
+        counter[0] += self.get_seq_length() < before
+
+    MCoreKVCache.crop = counting_crop
+    return counter
+
+
 def build_checkpoints(root: str) -> None:
-    from mcore_transformers.tiny import make_tiny_checkpoint
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     for name, (model_type, overrides) in CHECKPOINTS.items():
         folder = os.path.join(root, name)
@@ -164,7 +204,7 @@ def _run_layout(layout: str, root: str, out: str) -> None:
     from transformers.generation.streamers import BaseStreamer
 
     from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state
-    from mcore_transformers.fast_layers import RotaryCachedSelfAttention, SdpaDotProductAttention
+    from mcore_transformers.model.fast_layers import RotaryCachedSelfAttention, SdpaDotProductAttention
 
     sizes = {k: v for k, v in LAYOUTS[layout].items() if k != "world"}
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
@@ -211,12 +251,13 @@ def _run_layout(layout: str, root: str, out: str) -> None:
             eos = None
             if name == "eos":  # a token the greedy run emits at step 5 of row 0: rows stop at different times
                 eos = results["greedy-padded-llama"]["ids"][0][ids.shape[1] + 5]
-            kwargs = generate_kwargs(name, eos)
+            kwargs = generate_kwargs(name, eos, root)
             streamer = RecordingStreamer() if name == "greedy-padded-llama" else None
             if sampled:  # deliberately different seeds: generate() must sample with rank 0's state
                 torch.manual_seed(SAMPLING_SEED if rank == 0 else SAMPLING_SEED + 1000 + rank)
+            rollbacks_before = ROLLBACKS[0]
             out = model.generate(ids, attention_mask=mask, streamer=streamer, **kwargs)
-            entry = {"ids": out.tolist(), "eos": eos}
+            entry = {"ids": out.tolist(), "eos": eos, "rollbacks": ROLLBACKS[0] - rollbacks_before}
             if streamer is not None:
                 entry["streamed"] = {"puts": streamer.puts, "ended": streamer.ended}
             return entry
@@ -242,6 +283,19 @@ def _run_layout(layout: str, root: str, out: str) -> None:
                 elif name == "cache-wrong-rows":
                     cache = model.new_kv_cache(batch_size=2, max_length=32)
                     model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=cache, pad_token_id=PAD)
+                elif name == "cache-not-passed":  # a transformers release that stops handing the cache to forward
+                    prepare = model.prepare_inputs_for_generation
+
+                    def without_cache(*args, **kwargs):
+                        inputs = prepare(*args, **kwargs)
+                        inputs.pop("cache", None), inputs.pop("past_key_values", None)
+                        return inputs
+
+                    model.prepare_inputs_for_generation = without_cache
+                    try:
+                        model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
+                    finally:
+                        del model.prepare_inputs_for_generation
                 return {"error": None}
 
             return attempt
@@ -260,7 +314,12 @@ def _run_layout(layout: str, root: str, out: str) -> None:
     destroy_parallel_state()
 
 
+ROLLBACKS = [0]
+
+
 def main() -> None:
+    global ROLLBACKS
+    ROLLBACKS = count_cache_rollbacks()
     out, root, layouts = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
     for layout in layouts:
         _run_layout(layout, root, out)

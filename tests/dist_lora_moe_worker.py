@@ -146,7 +146,7 @@ def prepare(root: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from mcore_transformers.tiny import make_tiny_checkpoint
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     for name, (model_type, kwargs) in CHECKPOINTS.items():
         if not os.path.exists(os.path.join(root, name, "config.json")):

@@ -25,7 +25,7 @@ LAYOUTS = {
     "pp2": dict(world=2, tp=1, pp=2),
 }
 
-# Tiny checkpoints (mcore_transformers.tiny): GQA llama, one KV head (replicated at tp=2),
+# Tiny checkpoints (mcore_transformers.tools.tiny): GQA llama, one KV head (replicated at tp=2),
 # qwen2 (q/k/v biases) with one KV head, qwen3 (head_dim != hidden/heads, q/k norms).
 CHECKPOINTS = {
     "llama": ("llama", {}),
@@ -148,7 +148,7 @@ def prepare(root: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from mcore_transformers.tiny import make_tiny_checkpoint, tiny_config
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint, tiny_config
 
     for name, (model_type, overrides) in CHECKPOINTS.items():
         folder = os.path.join(root, name)

@@ -71,7 +71,7 @@ def build_checkpoints(root: str) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from mcore_transformers.tiny import make_tiny_checkpoint
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     for name, (model_type, kwargs, extra) in CHECKPOINTS.items():
         folder = os.path.join(root, name)
@@ -133,7 +133,7 @@ class _ReadCounter:
     """Remembers the CheckpointReader from_pretrained opens, to report the bytes this rank read."""
 
     def __init__(self):
-        import mcore_transformers.modeling as modeling
+        import mcore_transformers.model.causal_lm as modeling
 
         self.readers = []
         base = modeling.CheckpointReader

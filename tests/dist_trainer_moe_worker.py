@@ -65,7 +65,7 @@ def rank() -> int:
 
 
 def build_checkpoints(root: str) -> None:
-    from mcore_transformers.tiny import make_tiny_checkpoint
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     for name, (model_type, overrides) in CHECKPOINTS.items():
         make_tiny_checkpoint(os.path.join(root, name), model_type, **overrides)

@@ -17,12 +17,12 @@ from dist_cases import ERROR_RUNS, NOTES_TEXT
 
 from mcore_transformers import errors
 from mcore_transformers.architectures import get_architecture
-from mcore_transformers.building import check_model_fits, query_groups_for
+from mcore_transformers.model.building import check_model_fits, query_groups_for
 from mcore_transformers.conversion.reader import CheckpointReader
 from mcore_transformers.conversion.writer import check_save_target
-from mcore_transformers.hub import resolve_checkpoint
+from mcore_transformers.conversion.hub import resolve_checkpoint
 from mcore_transformers.runtime.parallel import ParallelConfig
-from mcore_transformers.tiny import tiny_config
+from mcore_transformers.tools.tiny import tiny_config
 
 
 def by_id(runs):

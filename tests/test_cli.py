@@ -1,4 +1,4 @@
-"""`mcore_transformers.verify`, the `mcore-transformers` command (verify, convert) and the demo, end to end.
+"""`mcore_transformers.tools.verify`, the `mcore-transformers` command (verify, convert) and the demo, end to end.
 
 verify and convert run in this process (a world of one); the demo runs as users run it: one command
 that starts its own two processes.
@@ -19,10 +19,10 @@ import mcore_transformers
 import torch
 
 from mcore_transformers import MCoreModelForCausalLM
-from mcore_transformers.cli import main
+from mcore_transformers.tools.cli import main
 from mcore_transformers.errors import MCoreTransformersError
-from mcore_transformers.tiny import make_tiny_checkpoint
-from mcore_transformers.verify import VerificationError, VerifyReport, make_inputs, verify
+from mcore_transformers.tools.tiny import make_tiny_checkpoint
+from mcore_transformers.tools.verify import VerificationError, VerifyReport, make_inputs, verify
 
 DEMO_TIMEOUT_S = 240
 
@@ -147,7 +147,7 @@ def test_cli_convert_refuses_to_overwrite_its_source(tiny_llama, capsys):
 # ---- the demo ------------------------------------------------------------------------------------
 def _command() -> list[str]:
     script = os.path.join(os.path.dirname(sys.executable), "mcore-transformers")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "mcore_transformers.cli"]
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "mcore_transformers.tools.cli"]
 
 
 def test_demo_runs_on_two_processes_and_its_folder_loads_with_transformers(tmp_path):

@@ -80,7 +80,7 @@ def oracle(checkpoints):
             folder = os.path.join(checkpoints, checkpoint)
             if folder not in models:
                 models[folder] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-            kwargs = W.generate_kwargs(case, eos)
+            kwargs = W.generate_kwargs(case, eos, checkpoints)
             ids, mask = W.make_prompts(kind)
             if case == "moe-per-rank":
                 seed, kwargs["max_new_tokens"] = W.per_rank_settings(rank)
@@ -115,6 +115,10 @@ def test_generate_matches_transformers(launches, oracle, layout, case):
         assert any(W.PAD in row[prompt:] for row in expected)
     if case == "stopping-criteria":
         assert len(expected[0]) == 9 + 7
+    if case.startswith("assisted-"):  # candidates were really rejected and cropped from the cache, and the
+        assert all(entry["rollbacks"] > 0 for entry in entries), [e["rollbacks"] for e in entries]
+        new = expected[0][len(W.make_prompts(W.CASES[case][1])[0][0]):]
+        assert len(set(new)) > 4, new  # output is no degenerate repetition
 
 
 DENSE_LAYOUTS = [layout for layout in LAUNCH_OF if layout != "ep2"]  # ep2 runs the MoE cases only
@@ -143,6 +147,7 @@ BAD_INPUT_MESSAGES = {
     "cache-too-big": ("KV cache", "GiB", "Lower the batch size"),
     "foreign-cache": ("MCoreKVCache", "DynamicCache"),
     "cache-wrong-rows": ("2 rows", "runs 3"),
+    "cache-not-passed": ("generate() built an MCoreKVCache", "forward received no cache", "tested range"),
 }
 
 
@@ -163,9 +168,9 @@ def test_cache_reorder_crop_and_growth():
     """MCoreKVCache bookkeeping on its own: beams reorder rows in place, crop rolls back, reserve keeps data."""
     import torch
 
-    from mcore_transformers.generation import GenerationError, MCoreKVCache
+    from mcore_transformers.model.cache import GenerationError, MCoreKVCache
 
-    cache = MCoreKVCache(batch_size=3, max_length=4, device=torch.device("cpu"))
+    cache = MCoreKVCache(batch_size=3, max_length=4, device=torch.device("cpu"), layer_numbers=[1])
     key = torch.arange(4 * 3 * 2 * 1, dtype=torch.float32).view(4, 3, 2, 1)
     cache.context.key_value_memory_dict[1] = (key.clone(), -key.clone())
     cache.begin_step(torch.tensor([[0, 1, 2], [5, 6, 7], [8, 9, 10]]))
@@ -178,7 +183,38 @@ def test_cache_reorder_crop_and_growth():
     assert cache.positions[:, :3].tolist() == [[8, 9, 10], [8, 9, 10], [0, 1, 2]]
     cache.reserve(10)
     assert cache.max_length >= 10 and torch.equal(cache.context.key_value_memory_dict[1][0][:3], k[:3])
+    cache.crop(0)  # transformers: remove nothing (assisted decoding calls this after accepting every candidate)
+    assert cache.get_seq_length() == 3
     cache.crop(-1)
     assert cache.get_seq_length() == 2
     with pytest.raises(GenerationError, match="holds 3 rows"):
         cache.begin_step(torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_cache_is_a_transformers_cache():
+    """What GenerationMixin relies on holds: a public `Cache` with one attention layer per megatron layer."""
+    import torch
+    from transformers.cache_utils import Cache
+
+    from mcore_transformers.model.cache import GenerationError, MCoreKVCache
+
+    cache = MCoreKVCache(batch_size=2, max_length=8, device=torch.device("cpu"), layer_numbers=[3, 4])
+    assert isinstance(cache, Cache) and len(cache) == 2
+    assert cache.is_linear == [False, False] and cache.is_sliding == [False, False]  # generate slices by length
+    assert cache.is_croppable and not cache.is_compileable and cache.batch_size == 2 and cache.get_max_length() == 8
+    assert not cache.layers[0].is_initialized and cache.layers[0].keys is None
+    memory = torch.randn(8, 2, 1, 4)
+    cache.context.key_value_memory_dict[3] = (memory, memory + 1)
+    cache.begin_step(torch.tensor([[0, 1, 2], [0, 0, 1]]))
+    cache.end_step(3)
+    assert cache.get_seq_length() == 3 and cache.get_mask_sizes(1, 0) == (4, 0)
+    assert torch.equal(cache.layers[0].keys, memory[:3].permute(1, 2, 0, 3))  # HF layout [b, heads, s, d]
+    cache.batch_repeat_interleave(2)
+    assert cache.batch_size == 4 and cache.positions[:, :3].tolist() == [[0, 1, 2], [0, 1, 2], [0, 0, 1], [0, 0, 1]]
+    assert torch.equal(cache.layers[0].keys[1], memory[:3, 0].permute(1, 0, 2))
+    cache.batch_select_indices(torch.tensor([3, 0]))
+    assert cache.batch_size == 2 and cache.positions[:, :3].tolist() == [[0, 0, 1], [0, 1, 2]]
+    with pytest.raises(GenerationError, match="written by megatron-core's attention"):
+        cache.update(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4), 0)
+    cache.reset()
+    assert cache.get_seq_length() == 0

@@ -16,7 +16,7 @@ def test_backward_matches_transformers(tmp_path, model_type):
     from transformers import AutoModelForCausalLM
 
     from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state
-    from mcore_transformers.tiny import make_tiny_checkpoint
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     make_tiny_checkpoint(str(tmp_path), model_type)
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))

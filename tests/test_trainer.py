@@ -31,7 +31,7 @@ RUNS = {name: (launch, checkpoint, layout, dp, extra)
 
 @pytest.fixture(scope="session")
 def trainer_checkpoints(tmp_path_factory) -> str:
-    from mcore_transformers.tiny import make_tiny_checkpoint
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     root = str(tmp_path_factory.mktemp("trainer-checkpoints"))
     for name, (model_type, overrides) in W.CHECKPOINTS.items():

@@ -34,7 +34,7 @@ FP32_RTOL = 1e-6
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> tuple[str, str]:
     """Run both launches once; returns (OUT, the launches' logs)."""
-    from mcore_transformers.tiny import make_tiny_checkpoint
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     root = str(tmp_path_factory.mktemp("reshard-checkpoints"))
     for name in ("llama", "qwen2-tied-v251"):

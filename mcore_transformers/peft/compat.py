@@ -27,14 +27,14 @@ import sys
 
 from torch import nn
 
+from .view import find_view
+
 
 CONVERSION_MODULE = "peft.utils.transformers_weight_conversion"
 
 
 def mcore_model(model):
     """The megatron model with the LoRA view that `model` is or wraps (PeftModel, LoRA tuner), else None."""
-    from .targets import find_view
-
     for _ in range(4):
         if not isinstance(model, nn.Module):
             return None

@@ -34,7 +34,7 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..fast_layers import finish_row_parallel
+from ..model.fast_layers import finish_row_parallel
 
 
 class _SumGradients(torch.autograd.Function):

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from ..conversion.writer import commit_folder, temporary_sibling
 from .errors import AdapterError
-from .targets import LoraView, ProjectionSlot, find_view
+from .slots import ProjectionSlot
+from .view import LoraView, find_view
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from .errors import AdapterError
-from .targets import ProjectionSlot
+from .slots import ProjectionSlot
 
 # init_lora_weights values that read or rewrite the base weight (or need a data pass) at creation.
 UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "lora_ga", "mica")

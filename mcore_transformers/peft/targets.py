@@ -19,8 +19,7 @@ When peft puts its LoRA layer in place of a slot, the containing `ViewNode` adop
 from __future__ import annotations
 
 import re
-import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -31,23 +30,10 @@ from ..conversion.loader import expected_hf_shapes
 from ..conversion.rules import ShardLayout
 from .compat import install_conversion_guard
 from .errors import AdapterError
+from .slots import Projection, ProjectionSlot
+from .view import LoraView, ViewNode, find_view
 
 _LABEL_STRIDE = 1 << 40  # label = tensor index · stride + row (or column) index
-
-
-@dataclass(frozen=True, eq=False)
-class Projection:
-    """One HF projection inside a megatron linear, as far as this rank holds it."""
-
-    path: str  # HF module path, e.g. "model.layers.3.self_attn.q_proj"
-    shape: tuple[int, int]  # HF weight shape (out_features, in_features)
-    split_dim: int  # 0: output rows (column-parallel linear); 1: input columns (row-parallel linear)
-    hf_index: torch.Tensor  # HF rows (split_dim 0) / columns (1) this rank holds, in local order
-    local_index: torch.Tensor  # their positions along split_dim of the local megatron weight
-
-    @property
-    def name(self) -> str:
-        return self.path.rsplit(".", 1)[-1]
 
 
 class _LabelSource:
@@ -133,103 +119,6 @@ def _linear_kind(linear: nn.Module) -> tuple[Optional[str], Optional[str]]:
         f"LoRA on {type(linear).__name__} (a Transformer Engine or grouped-GEMM linear) is not supported yet: "
         "the LoRA layers wrap megatron-core's local ColumnParallelLinear / RowParallelLinear."
     )
-
-
-class ProjectionSlot(nn.Linear):
-    """What peft sees of one HF projection: its name, its HF shape, no weights of its own.
-
-    It is an `nn.Linear` so that peft's own dispatch (and `target_modules="all-linear"`) picks it;
-    the LoRA layer peft builds around it is then adopted by the containing `ViewNode`. `weight` is a
-    zero tensor of the HF shape that owns no memory (an expanded scalar): it tells peft the device
-    and dtype, and code that would read the real weight through it reads zeros instead.
-    """
-
-    def __init__(self, host, projection: Projection, unsupported: Optional[str] = None):
-        nn.Module.__init__(self)
-        self.out_features, self.in_features = projection.shape
-        # Plain attributes (not submodules): the megatron linear belongs to the chunks, not to this view.
-        self.__dict__.update(host=host, projection=projection, unsupported=unsupported)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        base = self.host.linear.weight
-        return base.new_zeros(()).expand(self.out_features, self.in_features)
-
-    @property
-    def bias(self) -> None:
-        return None
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError(
-            f"{self.projection.path} is a named view for peft; its output is computed inside the megatron linear "
-            f"{self.host.name}. Call the model, not this module."
-        )
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, computed_in={self.host.name}"
-
-
-class ViewNode(nn.Module):
-    """A parameter-free container of the HF-named view. LoRA layers peft places here are adopted."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, nn.Module) and not isinstance(value, (ViewNode, ProjectionSlot)) and name in self._modules:
-            from .layers import adopt  # peft is only imported once peft itself put a layer here
-
-            value = adopt(value)
-        super().__setattr__(name, value)
-
-    def __getitem__(self, key):  # `view.layers[3]`, as on an HF model
-        return self._modules[str(key)]
-
-    def child(self, name: str) -> "ViewNode":
-        if name not in self._modules:
-            self.add_module(name, ViewNode())
-        return self._modules[name]
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("The HF-named LoRA view has no forward pass: call the model.")
-
-
-class LoraView:
-    """Everything LoRA support attaches to one facade: the named roots and the hosts behind them."""
-
-    def __init__(self, model: nn.Module):
-        self._model = weakref.ref(model)
-        self.roots: dict[str, ViewNode] = {}
-        self.hosts: list = []
-        self._checked: dict[str, int] = {}  # adapter name -> id of the config that passed the checks
-        self.unplaced: dict[str, str] = {}  # megatron linear (template) -> why it has no HF-named slots
-
-    @property
-    def model(self) -> nn.Module:
-        return self._model()
-
-    def slots(self):
-        """(HF path, current module) for every projection on this rank: a slot or its LoRA layer."""
-        for host in self.hosts:
-            for node, name, projection in host.parts:
-                yield projection.path, node._modules[name]
-
-    def check_configs(self) -> None:
-        """Refuse configs peft accepted but that cannot run here (checked once per config object)."""
-        configs = getattr(self.model, "peft_config", None) or {}
-        for adapter, config in configs.items():
-            if self._checked.get(adapter) != id(config):
-                from .layers import check_lora_config
-
-                check_lora_config(config, adapter, self.projection_names(), self.unplaced)
-                self._checked[adapter] = id(config)
-
-    def projection_names(self) -> set[str]:
-        return {host_part[2].name for host in self.hosts for host_part in host.parts}
-
-
-def find_view(model: nn.Module) -> Optional[LoraView]:
-    for module in model._modules.values():
-        if isinstance(module, ViewNode) and "lora_view" in module.__dict__:
-            return module.__dict__["lora_view"]
-    return None
 
 
 def attach(model: nn.Module) -> LoraView:

@@ -1,5 +1,5 @@
 """What transformers' `TrainingArguments` mean for a megatron-core model: the model argument, arguments
-MCoreTrainer refuses or ignores, which optimizer steps, and activation checkpointing → megatron recompute."""
+MCoreTrainer refuses or ignores, and which optimizer steps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from transformers.utils import logging
 
-from ..modeling import MCoreModelForCausalLM
+from ..model.causal_lm import MCoreModelForCausalLM
 from .errors import TrainingError
 from .optimizer import megatron_optimizer_unsupported
 
@@ -31,29 +31,6 @@ def find_mcore_model(model: Any) -> MCoreModelForCausalLM:
         "Load the model with MCoreModelForCausalLM.from_pretrained(..., tp=, pp=), or use transformers.Trainer "
         "for other models."
     )
-
-
-def enable_recompute(model: MCoreModelForCausalLM, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
-                     offload: bool = False) -> None:
-    """transformers' activation checkpointing → megatron's full-layer recompute.
-
-    every_n_layers=1 recomputes every layer ("uniform", one layer per checkpoint); n > 1 recomputes
-    the first 1/n of each chunk's layers ("block"), the same share of layers. `offload` is not supported.
-    """
-    if offload:
-        raise TrainingError("activation_checkpointing offload=True is not supported by MCoreTrainer.")
-    config = model.chunks[0].config
-    layers = len(model.chunks[0].decoder.layers)
-    config.recompute_granularity = "full"
-    if every_n_layers <= 1:
-        config.recompute_method, config.recompute_num_layers = "uniform", 1
-    else:
-        config.recompute_method = "block"
-        config.recompute_num_layers = max(1, -(-layers // every_n_layers))
-
-
-def disable_recompute(model: MCoreModelForCausalLM) -> None:
-    model.chunks[0].config.recompute_granularity = None
 
 
 def check_arguments(args, compute_loss_func) -> None:

@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_du
 from megatron.core.transformer.module import param_is_not_shared
 from torch import nn
 
-from ..building import mark_tensor_parallel_weights  # noqa: F401  (re-exported for the trainer)
+from ..model.building import mark_tensor_parallel_weights  # noqa: F401  (re-exported for the trainer)
 
 
 def wrap_chunks(

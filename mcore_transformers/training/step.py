@@ -23,9 +23,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
-from ..forward import ForwardInputs, attention_mask_for, bare_chunk, rotary_angles, run_chunk
+from ..model.forward import ForwardInputs, attention_mask_for, bare_chunk, rotary_angles, run_chunk
 from .errors import TrainingError
-from .router_aux import (
+from ..model.router_aux import (
     PooledRouting,
     RouterAuxLoss,
     load_balancing_loss,

@@ -36,12 +36,13 @@ from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import _is_peft_model
 from transformers.utils import logging
 
-from ..modeling import MCoreModelForCausalLM
+from ..model.causal_lm import MCoreModelForCausalLM
 from ..runtime.cpu import enable_cpu_training_support
 from ..runtime.parallel import barrier
 from . import checkpoint as ckpt
 from . import optimizer as megatron_optimizer
-from .arguments import check_arguments, choose_optimizer, enable_recompute, find_mcore_model
+from ..model.recompute import enable_recompute
+from .arguments import check_arguments, choose_optimizer, find_mcore_model
 from .data import (
     check_replica_agrees,
     data_parallel_loaders,
@@ -60,7 +61,7 @@ from .grads import (
     wrap_chunks,
 )
 from .saving import write_into_folder
-from .router_aux import RouterAuxLoss, router_aux_loss_of
+from ..model.router_aux import RouterAuxLoss, router_aux_loss_of
 from .step import IGNORE_INDEX, PipelineStep, count_valid_targets, shifted_targets
 
 logger = logging.get_logger(__name__)

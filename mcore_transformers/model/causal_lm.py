@@ -13,31 +13,26 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils import logging
 
-from .architectures import DecoderArchitecture, get_architecture
+from ..architectures import DecoderArchitecture, get_architecture
 from .building import build_model
-from .conversion.binding import BoundParam, bind_parameters
-from .conversion.exporter import PlannedTensor, UnclaimedTensors, export_plan, iter_hf_tensors
-from .conversion.loader import check_checkpoint, check_materialised, load_parameters
-from .conversion.reader import CheckpointReader
-from .conversion.rules import ShardLayout
-from .conversion.writer import check_save_target, write_hf_folder
-from .architectures.base import TE_FUSED_NORM_NAMES
+from ..conversion.binding import BoundParam, bind_parameters
+from ..conversion.exporter import PlannedTensor, UnclaimedTensors, export_plan, iter_hf_tensors
+from ..conversion.loader import check_checkpoint, check_materialised, load_parameters
+from ..conversion.reader import CheckpointReader
+from ..conversion.rules import ShardLayout
+from ..conversion.writer import check_save_target, write_hf_folder
+from ..architectures.base import TE_FUSED_NORM_NAMES
 from .forward import ForwardInputs, attention_mask_for, broadcast_from_last_stage, forward_logits, rotary_angles
-from .generation import (
-    GenerationError,
-    MCoreKVCache,
-    check_cache_fits,
-    check_ranks_agree,
-    model_parallel_group,
-    sampling_in_lockstep,
-)
-from .hub import resolve_checkpoint
-from .peft.targets import attach as attach_lora_targets
-from .runtime.parallel import DEFAULT_SEED, ParallelConfig, default_device, init_parallel_state, is_rank0
+from ..errors import GenerationError
+from .cache import MCoreKVCache
+from .generation import MCoreGenerationMixin, cache_argument, with_cache
+from ..conversion.hub import resolve_checkpoint
+from ..peft.targets import attach as attach_lora_targets
+from ..runtime.parallel import DEFAULT_SEED, ParallelConfig, default_device, init_parallel_state, is_rank0
 
 logger = logging.get_logger(__name__)
 
@@ -55,7 +50,7 @@ def _resolve_dtype(dtype, config: PretrainedConfig) -> torch.dtype:
     return dtype
 
 
-class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
+class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
     """A causal LM whose layers are megatron-core modules, sharded by tp / pp / vpp on this rank.
 
     Build it with `from_pretrained`; `forward`, `save_pretrained` and `export_hf_weights` follow
@@ -105,12 +100,12 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
     ) -> None:
         """transformers' activation checkpointing → megatron-core full-layer recompute."""
-        from .training.arguments import enable_recompute
+        from .recompute import enable_recompute
 
         enable_recompute(self, activation_checkpointing_kwargs, every_n_layers, offload)
 
     def activation_checkpointing_disable(self) -> None:
-        from .training.arguments import disable_recompute
+        from .recompute import disable_recompute
 
         disable_recompute(self)
 
@@ -185,12 +180,13 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: Union[int, torch.Tensor] = 0,
         cache_position: Optional[torch.LongTensor] = None,
         return_dict: Optional[bool] = None,
+        cache: Optional[MCoreKVCache] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """HF causal-LM forward: full-vocab logits on every rank; loss shifted inside, -100 ignored.
 
-        With `past_key_values` (an `MCoreKVCache`, which `generate` builds) the tokens are appended to
-        the cache: `attention_mask` then covers the cached tokens and these (HF's convention) and
+        With a KV cache (an `MCoreKVCache`, which `generate` builds; passed as `cache`, transformers 5.24's
+        name, or `past_key_values`) the tokens are appended to the cache: `attention_mask` then covers the cached tokens and these (HF's convention) and
         `position_ids` default to the positions after the cached ones. `use_cache=True` without a cache
         starts one. `logits_to_keep` (int: the last n positions, 0 = all; or 1-D indices) limits the
         positions whose logits are computed.
@@ -203,12 +199,8 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids = input_ids.to(device)
         batch, seq = input_ids.shape
 
-        cache = past_key_values
-        if cache is not None and not isinstance(cache, MCoreKVCache):
-            raise GenerationError(
-                f"past_key_values must be an MCoreKVCache (got {type(cache).__name__}): megatron-core keeps the "
-                "keys and values in its own inference context. Let generate() build it, or use model.new_kv_cache()."
-            )
+        cache = cache_argument(past_key_values, cache)
+        self.check_received_cache(cache)
         if cache is None and use_cache and not self.training:
             cache = self.new_kv_cache(batch, seq)
         past = cache.get_seq_length() if cache is not None else 0
@@ -259,7 +251,7 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         aux_spec = self.arch.router_aux_loss() if output_router_logits else None
         recording = contextlib.nullcontext([])
         if aux_spec is not None:
-            from .training.router_aux import recording_router_logits
+            from .router_aux import recording_router_logits
 
             recording = recording_router_logits(self.chunks)
 
@@ -302,13 +294,13 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels.to(device), vocab_size=self.config.vocab_size, **kwargs)
         if aux_spec is None:
-            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+            return with_cache(CausalLMOutputWithPast, cache, loss=loss, logits=logits)
         new_tokens_mask = attention_mask[:, past:] if attention_mask is not None else None  # padded like the input
         aux_loss, routers = self._router_aux_loss(aux_spec, router_logits, new_tokens_mask, batch)
         if loss is not None:
             loss = loss + aux_spec[2] * aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=cache, router_logits=routers
+        return with_cache(
+            MoeCausalLMOutputWithPast, cache, loss=loss, aux_loss=aux_loss, logits=logits, router_logits=routers
         )
 
     def _router_aux_loss(self, spec, router_logits, attention_mask, batch: int):
@@ -319,7 +311,7 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
         Also returns the router logits as transformers does ([b·s, experts] per MoE layer) where this
         rank routed every token (no pipeline or sequence split); otherwise None.
         """
-        from .training.router_aux import RouterAuxLoss, load_balancing_loss, router_token_mask
+        from .router_aux import RouterAuxLoss, load_balancing_loss, router_token_mask
 
         sequence_parallel = self.layout.sequence_parallel and self.layout.tp > 1
         groups = []
@@ -342,79 +334,22 @@ class MCoreModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         Under sequence parallelism a step is padded up to a multiple of tp, hence the tp - 1 spare slots.
         """
-        spare = self.layout.tp - 1 if self.layout.sequence_parallel else 0
-        return MCoreKVCache(batch_size, max_length + spare, self.rotary_inv_freq.device)
+        layer_numbers = [layer.layer_number for chunk in self.chunks for layer in chunk.decoder.layers]
+        return MCoreKVCache(batch_size, max_length + self._cache_spare(), self.rotary_inv_freq.device, layer_numbers)
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        """transformers must not build a DynamicCache: the model owns its cache (an MCoreKVCache)."""
-        return False
+    def kv_cache_bytes(self, batch_size: int, max_length: int) -> int:
+        """Bytes of key + value memory this rank's attention layers allocate for such a cache."""
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        total = 0
+        for chunk in self.chunks:
+            for layer in chunk.decoder.layers:
+                attention = layer.self_attention
+                per_token = attention.num_query_groups_per_partition * (attention.key_hidden_size + attention.val_hidden_size)
+                total += per_token * batch_size * (max_length + self._cache_spare()) * element
+        return total
 
-    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
-        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
-        limit = getattr(self.config, "max_position_embeddings", None)
-        if limit is not None and input_ids_length > limit:
-            raise GenerationError(
-                f"The prompt has {input_ids_length} tokens but the model was trained for at most "
-                f"max_position_embeddings={limit}. Shorten (or truncate) the prompt to {limit} tokens or fewer."
-            )
-        if limit is not None and generation_config.max_length > limit:
-            logger.warning_once(
-                f"Generating up to {generation_config.max_length} tokens, beyond max_position_embeddings={limit}: "
-                "positions past the trained range (transformers generates them the same way)."
-            )
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
-        """Reserve an MCoreKVCache for every row generate will run (prompts × beams / return sequences).
-
-        A cache passed in `past_key_values` is used as it is (grown if too short); none is made when
-        `use_cache=False`. A cache that would not fit in free memory is refused before any work starts.
-        """
-        rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-        cache = model_kwargs.get("past_key_values")
-        if cache is not None:
-            if not isinstance(cache, MCoreKVCache):
-                raise GenerationError(
-                    f"past_key_values must be an MCoreKVCache (got {type(cache).__name__}); build one with "
-                    "model.new_kv_cache(batch_size, max_length) or let generate() build it."
-                )
-            if cache.batch_size != rows:
-                raise GenerationError(
-                    f"The KV cache passed in holds {cache.batch_size} rows but this generate() runs {rows} "
-                    f"({batch_size} prompt(s) × {rows // batch_size} beam(s)/return sequence(s)). Pass a cache "
-                    "with that many rows, or none."
-                )
-            cache._is_user_defined = True
-            cache.reserve(max_cache_length)
-            return
-        if generation_config.use_cache is False:
-            return
-        check_cache_fits(
-            self.chunks, batch_size, rows, max_cache_length, self.dtype, self.rotary_inv_freq.device,
-            model_parallel_group(),
-        )
-        model_kwargs["past_key_values"] = self.new_kv_cache(rows, max_cache_length)
-
-    def generate(self, *args, **kwargs):
-        """transformers' `generate`, collective over the ranks of the model; every rank returns the same ids.
-
-        All ranks of a model-parallel group must pass the same inputs and settings. Sampling draws with
-        the random state of the group's first rank (broadcast at the start), so a seed set there gives
-        what transformers samples in one process. A `streamer` is fed on global rank 0 only. Under
-        expert parallelism the replicas may generate different prompts (same batch shape) for different
-        lengths: `synced_gpus` defaults to True so every rank steps until all are done.
-        """
-        if not is_rank0():
-            kwargs.pop("streamer", None)
-        if self.layout.ep > 1 and kwargs.get("synced_gpus") is None:
-            # Expert-parallel ranks are data-parallel replicas that exchange tokens in every MoE layer:
-            # each must keep stepping until every rank's sequences are done (HF's synced_gpus loop).
-            kwargs["synced_gpus"] = True
-        group = model_parallel_group()
-        with sampling_in_lockstep(group):
-            output = super().generate(*args, **kwargs)
-        check_ranks_agree(output if isinstance(output, torch.Tensor) else output.sequences, group)
-        return output
+    def _cache_spare(self) -> int:
+        return self.layout.tp - 1 if self.layout.sequence_parallel else 0
 
     # ---- export --------------------------------------------------------------------------------
     def export_plan(self) -> list[PlannedTensor]:

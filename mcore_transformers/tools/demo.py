@@ -6,7 +6,7 @@ One command; the CLI starts the processes (2 by default) and every rank runs `ru
 1. model     the trained demo model shipped in mcore_transformers/assets/demo-model when present,
              else a small random llama written by transformers itself (or --model PATH)
 2. load      MCoreModelForCausalLM.from_pretrained(model, tp=2): each rank reads only its shards
-3. verify    against AutoModelForCausalLM on the same left-padded batch (mcore_transformers.verify)
+3. verify    against AutoModelForCausalLM on the same left-padded batch (mcore_transformers.tools.verify)
 4. generate  greedy continuation with model.generate, compared token for token with transformers
 5. save      model.save_pretrained(output): gathered from the ranks, written by rank 0
 6. reload    the saved folder with plain transformers: weights bit-exact, logits equal to the original
@@ -30,7 +30,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-ASSET_MODEL = Path(__file__).resolve().parent / "assets" / "demo-model"
+from .compare import compare_folders
+from .launch import SCRATCH_ENV, STARTED_ENV, quiet_libraries
+
+ASSET_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
 # The random fallback: small enough to run in seconds on 2 cores, big enough to be a real llama
 # (GQA, llama3 rope scaling, untied head) that splits over 2 or 4 tensor-parallel ranks.
@@ -95,7 +98,6 @@ def _pick_model(args: argparse.Namespace) -> tuple[str, str, Optional[str]]:
         return args.model, "your model", None
     if (ASSET_MODEL / "config.json").exists():
         return str(ASSET_MODEL), "the demo model shipped with mcore_transformers", None
-    from .cli import SCRATCH_ENV
     from .tiny import make_tiny_checkpoint
 
     scratch = os.environ.get(SCRATCH_ENV)
@@ -128,7 +130,6 @@ def _prompts(tokenizer, vocab_size: int, pad_id: int):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .cli import SCRATCH_ENV, STARTED_ENV, quiet_libraries
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = "CUDA, nccl" if torch.cuda.is_available() else "CPU, gloo"
@@ -139,10 +140,10 @@ def run_demo(args: argparse.Namespace) -> int:
     import megatron.core
     import transformers
 
-    from .conversion.writer import check_save_target
-    from .errors import MCoreTransformersError
-    from .modeling import MCoreModelForCausalLM  # noqa: F401  (imported here, so that step 0 owns the time)
-    from .runtime.parallel import init_distributed
+    from ..conversion.writer import check_save_target
+    from ..errors import MCoreTransformersError
+    from ..model.causal_lm import MCoreModelForCausalLM  # noqa: F401  (imported here, so that step 0 owns the time)
+    from ..runtime.parallel import init_distributed
 
     init_distributed()
     say(f" 0. start    {world} process{'es' if world > 1 else ''} up: torch {torch.__version__}, transformers "
@@ -175,8 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _tour(args, source: str, how: str, temporary: bool, output: str, start: float, began: float) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .cli import compare_folders
-    from .modeling import MCoreModelForCausalLM
+    from ..model.causal_lm import MCoreModelForCausalLM
     from .verify import VerificationError, make_inputs, verify
 
     world = dist.get_world_size()
@@ -302,9 +302,3 @@ def _tour(args, source: str, how: str, temporary: bool, output: str, start: floa
 def _display(path: str) -> str:
     relative = os.path.relpath(path)
     return relative if not relative.startswith("..") else path
-
-
-if __name__ == "__main__":  # python -m mcore_transformers.demo == mcore-transformers demo
-    from .cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .errors import MCoreTransformersError
+from ..errors import MCoreTransformersError
 
 # torch, transformers and megatron are imported inside the functions: importing this module (and the
 # package's public names with it) stays cheap for the command line's launcher process.
@@ -220,7 +220,7 @@ def verify(
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from .modeling import MCoreModelForCausalLM
+    from ..model.causal_lm import MCoreModelForCausalLM
 
     dtype = _dtype(dtype)
     timings: dict[str, float] = {}
@@ -247,7 +247,7 @@ def verify(
 
     # Only rank 0 loads the transformers model; it builds the report (or the error) and broadcasts it.
     result: list = [None]
-    from .runtime.parallel import is_rank0  # torch is imported lazily here
+    from ..runtime.parallel import is_rank0  # torch is imported lazily here
 
     if is_rank0():
         try:
@@ -292,7 +292,7 @@ def _compare_with_hf(
     """Rank 0: load the transformers model, run it on the same batch, measure the differences."""
     import torch
 
-    from .runtime.parallel import default_device
+    from ..runtime.parallel import default_device
 
     start = time.perf_counter()
     hf = auto_cls.from_pretrained(folder, dtype=dtype)

@@ -27,9 +27,9 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-from .architectures import DecoderArchitecture
-from .conversion.rules import ShardLayout
-from .errors import LayoutError
+from ..architectures import DecoderArchitecture
+from ..conversion.rules import ShardLayout
+from ..errors import LayoutError
 from .fast_layers import (
     FastColumnParallelLinear,
     FastRowParallelLinear,
@@ -45,8 +45,8 @@ from .layers import (
     TransformersRMSNorm,
     TransformersRMSNormWeightInFloat32,
 )
-from .runtime.cpu import bridge_missing_transformer_engine
-from .runtime.parallel import ParallelConfig
+from ..runtime.cpu import bridge_missing_transformer_engine
+from ..runtime.parallel import ParallelConfig
 
 
 def transformer_engine_available() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Union
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # What a causal LM needs from a Hub repo: config, safetensors weights, generation and tokenizer files.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]

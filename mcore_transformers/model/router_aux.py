@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from ..forward import bare_chunk
+from .forward import bare_chunk
 
 
 @dataclass(frozen=True)
