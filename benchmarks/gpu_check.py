@@ -128,8 +128,8 @@ def check_parity_tp1(ckpt: dict, args) -> list[Row]:
 
 
 def _report_text(report) -> str:
-    return (f"max|Δlogit| {report.max_abs_logit_diff:.2e} (≤ {report.logits_tolerance:.1e}), "
-            f"argmax {100 * report.argmax_agreement:.1f}%, |Δloss| {report.loss_diff:.1e}")
+    return (f"max Δlogit {report.max_abs_logit_diff:.2e} (≤ {report.logits_tolerance:.1e}), "
+            f"argmax {100 * report.argmax_agreement:.1f}%, Δloss {report.loss_diff:.1e}")
 
 
 def check_parity_tp2(ckpt: dict, args) -> list[Row]:
@@ -142,7 +142,8 @@ def check_parity_tp2(ckpt: dict, args) -> list[Row]:
         # The command starts its two ranks itself (nccl on GPUs, gloo on CPU).
         command = [sys.executable, "-m", "mcore_transformers.tools.cli", "verify", ckpt["qwen3"], "--tp", "2", "--dtype", dtype]
         proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_child_env())
-        lines = [line.strip() for line in proc.stdout.splitlines() if "max |Δ logit|" in line or "argmax" in line]
+        lines = [" ".join(line.replace("|", "").split()) for line in proc.stdout.splitlines()
+                 if "max |Δ logit|" in line or "argmax agreement" in line]
         rows.append(Row(f"parity tp=2 {dtype}", "PASS" if proc.returncode == 0 else "FAIL",
                         "; ".join(lines)[:160] or (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]))
     return rows
@@ -210,7 +211,7 @@ def check_trainer_step(ckpt: dict, args) -> list[Row]:
     ok = len(losses["mcore"]) == 2 and diff < 1e-4
     return [Row("trainer 2 steps (megatron-core optimizer)", "PASS" if ok else "FAIL",
                 f"losses {[round(x, 5) for x in losses['mcore']]} vs HF {[round(x, 5) for x in losses['transformers']]}, "
-                f"max|Δ| {diff:.1e}")]
+                f"max Δ {diff:.1e}")]
 
 
 def check_lora(ckpt: dict, args) -> list[Row]:
@@ -242,7 +243,7 @@ def check_lora(ckpt: dict, args) -> list[Row]:
     destroy_parallel_state()
     ok = logit_diff < 1e-4 and grad_diff < 1e-4 and len(shared) == len(outputs["hf"][1]) > 0
     return [Row("lora forward + backward (q, v, down)", "PASS" if ok else "FAIL",
-                f"max|Δlogit| {logit_diff:.1e}, max|Δ lora_B grad| {grad_diff:.1e} over {len(shared)} adapters")]
+                f"max Δlogit {logit_diff:.1e}, max Δ lora_B grad {grad_diff:.1e} over {len(shared)} adapters")]
 
 
 def check_speed(ckpt: dict, args) -> list[Row]:
@@ -312,7 +313,7 @@ def table(rows: list[Row], env: dict, seconds: float) -> str:
     lines = ["# mcore_transformers GPU check", ""]
     lines += [f"- {key}: {value}" for key, value in env.items()]
     lines += [f"- wall time: {seconds:.0f} s", "", "| check | result | detail |", "|---|---|---|"]
-    lines += [f"| {row.check} | {row.result} | {row.detail} |" for row in rows]
+    lines += [f"| {row.check} | {row.result} | {row.detail.replace('|', '/')} |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -150,6 +150,7 @@ def _command() -> list[str]:
     return [script] if os.path.exists(script) else [sys.executable, "-m", "mcore_transformers.tools.cli"]
 
 
+@pytest.mark.compat  # the newcomer's first command
 def test_demo_runs_on_two_processes_and_its_folder_loads_with_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_generate_worker as W  # noqa: E402
 from launching import Started  # noqa: E402
 
+pytestmark = pytest.mark.compat  # all of generate is in the compatibility subset (./dev compat oldest)
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_generate_worker.py")
 LAUNCHES = {"tp1": ["tp1"], "world2": ["tp2", "pp2", "pp2vpp2", "tp2sp", "ep2"]}
 LAUNCH_OF = {layout: launch for launch, layouts in LAUNCHES.items() for layout in layouts}

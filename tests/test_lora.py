@@ -205,6 +205,7 @@ def test_only_adapter_weights_are_trainable(case, lora_launch):
 
 
 # ---- adapters as peft manages them --------------------------------------------------------------
+@pytest.mark.compat  # LoRA generate, adapter switching: in the compatibility subset
 @cases("multi")
 def test_named_adapters_switch_disable_and_unload(case, lora_launch, lora_root):
     tensors = record(lora_launch, case)["tensors"]

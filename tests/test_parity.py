@@ -25,6 +25,9 @@ TOLERANCES = {
     "bfloat16": dict(logits=2e-2, loss=2e-3),
 }
 MULTI_RANK_RUNS = [run for run in PARITY_RUNS if run.ranks > 1]
+# The compatibility subset (pytest -m compat, also run on the oldest transformers): logits, loss and the save
+# round trip of every run (tp1, tp2, pp2, vpp; the launches run them all anyway).
+compat = pytest.mark.compat
 
 
 def by_id(runs):
@@ -66,6 +69,7 @@ def valid_positions(inputs: dict) -> torch.Tensor:
 
 
 # ---- forward ------------------------------------------------------------------------------------
+@compat
 @by_id(PARITY_RUNS)
 def test_logits_match_hf(run, launches, hf_model, source):
     record = launches(run.layout).record(run)
@@ -79,6 +83,7 @@ def test_logits_match_hf(run, launches, hf_model, source):
         assert diff <= tolerance, f"{batch}: max |logits - HF| = {diff:.3g} > {tolerance:g} on non-padding positions"
 
 
+@compat
 @by_id(PARITY_RUNS)
 def test_loss_matches_hf(run, launches, hf_model, source):
     record = launches(run.layout).record(run)
@@ -101,6 +106,7 @@ def test_logits_identical_on_every_rank(run, launches):
 
 
 # ---- weights out --------------------------------------------------------------------------------
+@compat
 @by_id(PARITY_RUNS)
 def test_save_round_trip_is_exact(run, launches, source):
     """save_pretrained writes exactly the source checkpoint's tensors (cast to the load dtype)."""

