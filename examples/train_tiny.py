@@ -88,7 +88,6 @@ def blocks(work: Path, block: int) -> list[dict]:
 
 
 def train(args, work: Path) -> None:
-    import torch
     import torch.distributed as dist
     from transformers import AutoTokenizer, TrainingArguments, default_data_collator
 

@@ -129,6 +129,11 @@ def _gather_shards(item: BoundParam, layout: ShardLayout, holder_only: bool) -> 
     return shards
 
 
+def gather_full(item: BoundParam, layout: ShardLayout) -> tuple[torch.Tensor, ...]:
+    """Collective over `item`'s shard group: its full HF tensors, on every rank of the group."""
+    return item.rule.export(_gather_shards(item, layout, holder_only=False), layout)
+
+
 def iter_hf_tensors(
     bound: Sequence[BoundParam],
     layout: ShardLayout,
@@ -191,12 +196,12 @@ class UnclaimedTensors:
     change, and a save keeps them bit for bit. Rank 0 reads them from the source when it writes.
     """
 
-    def __init__(self, source_folder: Optional[str], plan: Sequence[PlannedTensor]):
+    def __init__(self, source_folder: Optional[str], plan: Sequence[PlannedTensor], variant: Optional[str] = None):
         self.reader, self.names = None, []
         if not source_folder or not os.path.isdir(source_folder):
             return
         try:
-            self.reader = CheckpointReader(source_folder)
+            self.reader = CheckpointReader(source_folder, variant)
         except CheckpointError as err:  # the source is gone or unreadable: nothing to copy
             logger.warning(f"Not copying unused source tensors into the saved folder: {err}")
             return

@@ -22,12 +22,16 @@ def resolve_checkpoint(
     token: Union[str, bool, None] = None,
     cache_dir: Optional[str] = None,
     local_files_only: bool = False,
+    force_download: bool = False,
+    subfolder: str = "",
 ) -> str:
+    """The local folder holding the model's config.json (`subfolder` inside the folder or repository)."""
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise CheckpointError(f"{path} has no config.json: it is not an HF model folder.")
-        return path
+        folder = os.path.join(path, subfolder) if subfolder else path
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            raise CheckpointError(f"{folder} has no config.json: it is not an HF model folder.")
+        return folder
     if os.path.exists(path):
         raise CheckpointError(f"{path} is a file; pass the model folder that contains config.json.")
     if _looks_like_path(name_or_path):
@@ -36,11 +40,13 @@ def resolve_checkpoint(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
+    patterns = [f"{subfolder.strip('/')}/{pattern}" for pattern in HUB_PATTERNS] if subfolder else HUB_PATTERNS
     try:
-        return snapshot_download(
+        snapshot = snapshot_download(
             name_or_path, revision=revision, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only, allow_patterns=HUB_PATTERNS,
+            local_files_only=local_files_only, force_download=force_download, allow_patterns=patterns,
         )
+        return os.path.join(snapshot, subfolder) if subfolder else snapshot
     except HFValidationError:
         raise CheckpointError(
             f"{name_or_path!r} is neither an existing folder nor a valid Hub id ('org/name')."

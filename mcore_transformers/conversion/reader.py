@@ -18,6 +18,13 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def weight_files(variant: Optional[str] = None) -> tuple[str, str]:
+    """(single file, index file) of a checkpoint; a variant is named as transformers names it (model.fp16.safetensors)."""
+    if not variant:
+        return SINGLE_FILE, INDEX_FILE
+    return f"model.{variant}.safetensors", f"model.safetensors.index.{variant}.json"
+
+
 class CheckpointReader:
     """Open every shard of a folder once; serve whole tensors (mapped, zero-copy) or slices.
 
@@ -25,8 +32,9 @@ class CheckpointReader:
     how much of the checkpoint each rank touched.
     """
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, variant: Optional[str] = None):
         self.folder = folder
+        self.variant = variant
         self._files: dict[str, object] = {}
         self._stack = ExitStack()
         self._where = self._locate_tensors()
@@ -36,7 +44,8 @@ class CheckpointReader:
         self._fds: dict[str, int] = {}
 
     def _locate_tensors(self) -> dict[str, str]:
-        index_path = os.path.join(self.folder, INDEX_FILE)
+        single_file, index_file = weight_files(self.variant)
+        index_path = os.path.join(self.folder, index_file)
         if os.path.exists(index_path):
             try:
                 with open(index_path) as f:
@@ -48,12 +57,12 @@ class CheckpointReader:
             for shard in sorted(set(weight_map.values())):
                 self._open(shard, index_path)
             return dict(weight_map)
-        if os.path.exists(os.path.join(self.folder, SINGLE_FILE)):
-            handle = self._open(SINGLE_FILE, None)
-            return {name: SINGLE_FILE for name in handle.keys()}
+        if os.path.exists(os.path.join(self.folder, single_file)):
+            handle = self._open(single_file, None)
+            return {name: single_file for name in handle.keys()}
         found = sorted(os.listdir(self.folder))
         raise CheckpointError(
-            f"No safetensors weights in {self.folder}: expected {SINGLE_FILE} or {INDEX_FILE}, found {found[:12]}. "
+            f"No safetensors weights in {self.folder}: expected {single_file} or {index_file}, found {found[:12]}. "
             "Only safetensors checkpoints are read; convert .bin files with transformers "
             "(AutoModelForCausalLM.from_pretrained(...).save_pretrained(...)) first."
         )

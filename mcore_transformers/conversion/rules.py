@@ -48,6 +48,25 @@ class ShardLayout:
         return replace(self, tp_rank=self.etp_rank, tp_size=self.etp_size)
 
 
+class InMemorySource:
+    """A TensorSource over full tensors held in memory (gathered, or computed), for `Rule.load`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        tensor = self.tensors[name]
+        if dim is None:
+            return tensor
+        return tensor.narrow(dim, start, (tensor.shape[dim] if stop is None else stop) - start)
+
+
 def read_rows(source: TensorSource, pieces: Sequence[tuple[str, int, int]]) -> torch.Tensor:
     """Rows [start:stop) of each (name, start, stop) concatenated along dim 0: the reader's `read_rows`
     (zero-copy or pread, see CheckpointReader.read_rows); `read` + cat for other sources."""

@@ -14,6 +14,7 @@ from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHT
 from safetensors.torch import save_file
 
 from ..errors import SaveTargetError
+from .config_file import rewrite_config
 from .reader import INDEX_FILE, SINGLE_FILE
 
 # Files that describe weights; everything else at a source folder's top level is copied verbatim
@@ -118,8 +119,13 @@ def write_hf_folder(
     max_shard_size: Union[int, str],
     source_folder: Optional[str],
     write_config,
+    config_changes: Optional[dict] = None,
 ) -> None:
-    """Stream `tensors` into a new folder at `target`; on any failure the target is left untouched."""
+    """Stream `tensors` into a new folder at `target`; on any failure the target is left untouched.
+
+    The source's config.json is copied verbatim with only `config_changes` written over it (see
+    config_file.config_changes); without a source config, `write_config(folder)` writes one.
+    """
     tmp = temporary_sibling(target)
     try:
         writer = ShardWriter(tmp, specs, max_shard_size)
@@ -127,7 +133,9 @@ def write_hf_folder(
             writer.add(name, tensor)
         writer.finish()
         copied = copy_source_files(source_folder, tmp)
-        if "config.json" not in copied:
+        if "config.json" in copied:
+            rewrite_config(tmp, config_changes or {})
+        else:
             write_config(tmp)
         commit_folder(tmp, target)
     except BaseException:

@@ -20,6 +20,7 @@ from transformers.utils import logging
 from ..architectures import DecoderArchitecture, get_architecture
 from .building import build_model
 from ..conversion.binding import BoundParam, bind_parameters
+from ..conversion.config_file import config_changes
 from ..conversion.exporter import PlannedTensor, UnclaimedTensors, export_plan, iter_hf_tensors
 from ..conversion.loader import check_checkpoint, check_materialised, load_parameters
 from ..conversion.reader import CheckpointReader
@@ -27,17 +28,18 @@ from ..conversion.rules import ShardLayout
 from ..conversion.writer import check_save_target, write_hf_folder
 from ..architectures.base import TE_FUSED_NORM_NAMES
 from .forward import ForwardInputs, attention_mask_for, broadcast_from_last_stage, forward_logits, rotary_angles
-from ..errors import GenerationError
+from ..errors import GenerationError, MCoreTransformersError
 from .cache import MCoreKVCache
 from .generation import MCoreGenerationMixin, cache_argument, with_cache
 from ..conversion.hub import resolve_checkpoint
+from .pretrained_options import interpret, update_config
+from .recompute import disable_recompute, enable_recompute, recompute_enabled
+from .vocab import INPUT_EMBEDDINGS, VocabView, output_name, resize_vocabulary
 from ..peft.targets import attach as attach_lora_targets
 from ..runtime.parallel import DEFAULT_SEED, ParallelConfig, default_device, init_parallel_state, is_rank0
 
 logger = logging.get_logger(__name__)
 
-# from_pretrained kwargs transformers users pass that have no meaning here (ignored with a note).
-IGNORED_KWARGS = {"trust_remote_code", "low_cpu_mem_usage", "attn_implementation", "use_safetensors", "device_map"}
 
 
 def _resolve_dtype(dtype, config: PretrainedConfig) -> torch.dtype:
@@ -80,6 +82,7 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         self.layout = layout
         self.shard_layout = shard_layout
         self.source_folder = source_folder
+        self.source_variant: Optional[str] = None  # transformers' weight-file variant (model.<variant>.safetensors)
         self._bound = bound
         self._plan: Optional[list[PlannedTensor]] = None
         self.register_buffer("rotary_inv_freq", arch.rope(), persistent=False)
@@ -87,34 +90,100 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
 
     # ---- transformers hooks --------------------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
-        """Weights come from the checkpoint; transformers' re-initialisation must not touch them."""
+        """Weights come from the checkpoint: megatron modules are never re-initialised. Only the plain
+        nn.Embedding / nn.Linear that transformers' resize helpers build get transformers' initialisation."""
+        if type(module) in (nn.Embedding, nn.Linear):
+            PreTrainedModel._init_weights(self, module)
 
     def init_weights(self) -> None:  # transformers calls this from post_init
         """No-op: see `_init_weights`."""
 
-    def get_input_embeddings(self) -> Optional[nn.Module]:
-        first = self.chunks[0]
-        return first.embedding.word_embeddings if first.pre_process else None
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Nothing to do: megatron-core ties the embedding and the LM head itself (a shared weight, or a copy
+        on the last pipeline stage that megatron keeps in sync); `resize_token_embeddings` keeps them tied."""
+
+    # ---- the vocabulary, as transformers scripts see it (model/vocab.py) ----------------------------
+    def get_input_embeddings(self) -> VocabView:
+        """The full-vocabulary embedding (every rank): `weight` is the whole matrix (collective), writes reach the shards."""
+        return VocabView(self, INPUT_EMBEDDINGS, source_stage=0)
+
+    def get_output_embeddings(self) -> Optional[VocabView]:
+        """The LM head as a full-vocabulary view (the embedding's when tied), like `get_input_embeddings`."""
+        name = output_name(self)
+        if name is None:
+            return None
+        return VocabView(self, name, source_stage=0 if name == INPUT_EMBEDDINGS else -1)
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        raise MCoreTransformersError(
+            "set_input_embeddings cannot replace megatron-core's sharded embedding. Resize it with "
+            "resize_token_embeddings(n), or write rows through get_input_embeddings().weight[ids] = rows."
+        )
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        raise MCoreTransformersError(
+            "set_output_embeddings cannot replace megatron-core's sharded LM head. Resize it with "
+            "resize_token_embeddings(n), or write rows through get_output_embeddings().weight[ids] = rows."
+        )
+
+    def resize_token_embeddings(
+        self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None, mean_resizing: bool = True
+    ) -> VocabView:
+        """transformers' resize across tp / pp (collective): new rows drawn as transformers draws them, tied
+        weights kept tied, `config.vocab_size` updated; saves and exports follow the new size."""
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return self.get_input_embeddings()
+        self.vocab_size = resize_vocabulary(self, new_num_tokens, pad_to_multiple_of, mean_resizing)
+        return self.get_input_embeddings()
+
+    def enable_input_require_grads(self) -> None:
+        """Make the embedding output require grad (gradient checkpointing with frozen embeddings, e.g. PEFT)."""
+        self.disable_input_require_grads()
+        hooks = []
+        for chunk in self.chunks:
+            chunk = getattr(chunk, "module", chunk)
+            if chunk.pre_process:
+                hooks.append(chunk.embedding.register_forward_hook(lambda module, args, output: output.requires_grad_(True)))
+        self._input_require_grads_hooks = hooks
+
+    def disable_input_require_grads(self) -> None:
+        for hook in getattr(self, "_input_require_grads_hooks", []):
+            hook.remove()
+        self._input_require_grads_hooks = []
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
     ) -> None:
         """transformers' activation checkpointing → megatron-core full-layer recompute."""
-        from .recompute import enable_recompute
-
         enable_recompute(self, activation_checkpointing_kwargs, every_n_layers, offload)
 
     def activation_checkpointing_disable(self) -> None:
-        from .recompute import disable_recompute
-
         disable_recompute(self)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return recompute_enabled(self)
+
+    # transformers before 5.24 (and its Trainer) say "gradient checkpointing"; 5.24 keeps them as deprecated aliases.
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers' gradient checkpointing → megatron-core full-layer recompute."""
+        enable_recompute(self, gradient_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        disable_recompute(self)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return recompute_enabled(self)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: Union[str, os.PathLike],
-        *,
+        *model_args,
         tp: int = 1,
         pp: int = 1,
         vpp: Optional[int] = None,
@@ -124,47 +193,55 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         sequence_parallel: bool = False,
         dtype: Union[str, torch.dtype, None] = None,
         torch_dtype: Union[str, torch.dtype, None] = None,
-        revision: Optional[str] = None,
-        token: Union[str, bool, None] = None,
-        cache_dir: Optional[str] = None,
-        local_files_only: bool = False,
         seed: int = DEFAULT_SEED,
         **kwargs,
     ) -> "MCoreModelForCausalLM":
         """Load an HF checkpoint (folder or hub id) into megatron-core modules laid out by tp/pp/vpp/ep.
 
-        Initialises torch.distributed (from torchrun's environment, or a world of one) and Megatron's
-        parallel state when they are not up yet. Each rank reads only the bytes of its own shards.
+        Takes what transformers' `from_pretrained` takes (`config=`, `revision`, `token`, `cache_dir`,
+        `subfolder`, `variant`, `output_loading_info`, config attributes as keywords, ...): see
+        `model.pretrained_options` for what each means here and which are refused (quantisation, layer
+        placement by `device_map`, TF/Flax weights). Initialises torch.distributed (from torchrun's
+        environment, or a world of one) and Megatron's parallel state when they are not up yet. Each rank
+        reads only the bytes of its own shards.
         """
-        unknown = set(kwargs) - IGNORED_KWARGS
-        if unknown:
-            raise TypeError(f"from_pretrained got unsupported arguments: {sorted(unknown)}")
-        if kwargs:
-            logger.info(f"Ignoring {sorted(kwargs)}: megatron-core decides placement and attention kernels.")
+        if model_args:
+            raise TypeError(
+                f"from_pretrained got {len(model_args)} positional argument(s) after the model path; pass options by keyword."
+            )
+        options = interpret(kwargs, default_device().type)
         layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, sequence_parallel=sequence_parallel)
-        folder = resolve_checkpoint(
-            str(pretrained_model_name_or_path), revision=revision, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only,
-        )
-        config = AutoConfig.from_pretrained(folder)
+        folder = resolve_checkpoint(str(pretrained_model_name_or_path), subfolder=options.subfolder, **options.hub)
+        config = options.config or AutoConfig.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
+        update_config(config, options.config_updates)
+        for note in options.notes:
+            logger.info(f"from_pretrained: {note}.")
         arch = get_architecture(config)
         dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config)
 
         init_parallel_state(layout, seed=seed)
         built = build_model(arch, layout, dtype)
         renames = TE_FUSED_NORM_NAMES if built.uses_transformer_engine else {}
-        with CheckpointReader(folder) as reader:
+        with CheckpointReader(folder, options.variant) as reader:
             # The checkpoint's names choose among a rule's layouts (per-expert or stacked experts).
             bound = bind_parameters(built.chunks, arch.rules(), renames, available=reader)
             check_checkpoint(bound, reader, built.shard_layout)
             load_parameters(bound, reader, built.shard_layout, dtype, default_device(), show_progress=is_rank0() and logging.is_progress_bar_enabled())
         check_materialised(built.chunks)
         model = cls(config, arch, built.chunks, built.shard_layout, layout, bound, source_folder=folder)
-        if os.path.exists(os.path.join(folder, "generation_config.json")):
+        model.source_variant = options.variant
+        if options.generation_config is not None:
+            model.generation_config = options.generation_config
+        elif os.path.exists(os.path.join(folder, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         model.to(default_device())
         model.eval()
         attach_lora_targets(model)  # the HF-named view peft targets: model.layers.N.self_attn.q_proj, ...
+        if options.output_loading_info:
+            unused = UnclaimedTensors(folder, model.export_plan(), options.variant)
+            unused.close()
+            info = {"missing_keys": [], "unexpected_keys": list(unused.names), "mismatched_keys": [], "error_msgs": []}
+            return model, info
         return model
 
     # ---- forward -------------------------------------------------------------------------------
@@ -412,14 +489,17 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         stream = iter_hf_tensors(self._bound, self.shard_layout, plan, to="rank0")
         if is_rank0():
             # Source tensors no rule claims (DeepSeek-V3's MTP layers) are copied through verbatim.
-            unclaimed = UnclaimedTensors(self.source_folder, plan)
+            unclaimed = UnclaimedTensors(self.source_folder, plan, self.source_variant)
             specs = [(n, s, e.dtype) for e in plan for n, s in zip(e.names, e.shapes)] + unclaimed.specs
             progress = tqdm(
                 itertools.chain(stream, unclaimed), total=len(specs), desc="Saving", unit="tensor",
                 disable=not logging.is_progress_bar_enabled(),
             )
             try:
-                write_hf_folder(target, progress, specs, max_shard_size, self.source_folder, self.config.save_pretrained)
+                changes = config_changes(self.config, self.source_folder, self.dtype)
+                write_hf_folder(
+                    target, progress, specs, max_shard_size, self.source_folder, self.config.save_pretrained, changes
+                )
             finally:
                 unclaimed.close()
         else:

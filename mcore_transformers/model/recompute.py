@@ -31,3 +31,7 @@ def enable_recompute(model: MCoreModelForCausalLM, activation_checkpointing_kwar
 
 def disable_recompute(model: MCoreModelForCausalLM) -> None:
     model.chunks[0].config.recompute_granularity = None
+
+
+def recompute_enabled(model: MCoreModelForCausalLM) -> bool:
+    return model.chunks[0].config.recompute_granularity is not None

@@ -1,7 +1,8 @@
 """Megatron-core on CPU: the few places where mcore 0.16 assumes CUDA, bridged explicitly.
 
-Nothing here runs at import time. `enable_cpu_support()` is called by the runtime when the
-chosen device is the CPU, `enable_cpu_training_support()` by MCoreTrainer; megatron's optimizer runs
+Nothing here runs at import time. `enable_cpu_support()` is called by the runtime when the chosen
+device is the CPU (from `from_pretrained`), and covers inference and training alike, so the model
+trains under any trainer (transformers' Trainer, TRL's, MCoreTrainer); megatron's optimizer runs
 inside `megatron_optimizer_device()`, a scoped torch function mode. The last three functions bridge
 bugs of megatron's torch-optimizer fallback (no Transformer Engine / Apex, as on every CPU) in its
 distributed-optimizer checkpoints. Each bridge names the mcore code it bridges. They were written
@@ -104,6 +105,7 @@ def enable_cpu_support() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     bridge_missing_transformer_engine()
+    _bridge_training_paths()
     _applied = True
 
 
@@ -141,18 +143,8 @@ class _CudaLiteralOnCpu:
         return self._torch.zeros(*args, device=device, **kwargs)
 
 
-_training_applied = False
-
-
-def enable_cpu_training_support() -> None:
-    """Make megatron-core's training paths (pipeline schedules, recompute) run on a CPU-only torch. Idempotent.
-
-    Called by MCoreTrainer, on top of `enable_cpu_support()`; does nothing when CUDA is available.
-    """
-    global _training_applied
-    if _training_applied or torch.cuda.is_available():
-        return
-    enable_cpu_support()
+def _bridge_training_paths() -> None:
+    """megatron-core's training paths (pipeline schedules, activation recompute) on a CPU-only torch."""
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -165,11 +157,10 @@ def enable_cpu_training_support() -> None:
     # batched send/recv (`batch_p2p_sync`); on the CPU there is nothing to wait for.
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 
-    # Bridges tensor_parallel/random.py CheckpointFunction (activation recompute), which saves and
-    # restores the CUDA RNG state next to the CPU one and the tracker's states; there is no CUDA RNG.
+    # Bridges tensor_parallel/random.py CheckpointFunction (activation recompute: gradient checkpointing under
+    # any trainer), which saves and restores the CUDA RNG state next to the CPU one; there is no CUDA RNG.
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: None
     mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
-    _training_applied = True
 
 
 def _is_cuda(device) -> bool:

@@ -13,7 +13,6 @@ Only global rank 0 prints.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -68,22 +67,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 # ---- convert -------------------------------------------------------------------------------------
-def _set_config_dtype(folder: str, dtype: str) -> None:
-    """The saved config.json is the source's, copied verbatim; only its dtype field changes with --dtype."""
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
-    for key in keys:
-        config[key] = dtype
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoConfig
 
     from ..errors import MCoreTransformersError
     from ..model.causal_lm import MCoreModelForCausalLM
@@ -105,9 +90,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     code = 0
     if is_rank0():
         dtype = str(model.dtype).replace("torch.", "")
-        source_dtype = getattr(AutoConfig.from_pretrained(model.source_folder), "dtype", None)
-        if source_dtype is not None and source_dtype != model.dtype:
-            _set_config_dtype(args.dst, dtype)
         files = sorted(f for f in os.listdir(args.dst) if f.endswith(".safetensors"))
         size = sum(os.path.getsize(os.path.join(args.dst, f)) for f in files)
         print(f"converted {args.src} -> {args.dst}: {model.num_parameters():,} parameters, {dtype}, "

@@ -23,7 +23,6 @@ the narrowest hooks:
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -31,17 +30,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import Trainer
 from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import _is_peft_model
 from transformers.utils import logging
 
 from ..model.causal_lm import MCoreModelForCausalLM
-from ..runtime.cpu import enable_cpu_training_support
 from ..runtime.parallel import barrier
 from . import checkpoint as ckpt
 from . import optimizer as megatron_optimizer
-from ..model.recompute import enable_recompute
 from .arguments import check_arguments, choose_optimizer, find_mcore_model
 from .data import (
     check_replica_agrees,
@@ -97,8 +94,6 @@ class MCoreTrainer(Trainer):
                 "the model's layout is decided when it is loaded."
             )
         mcore = find_mcore_model(model)
-        if not torch.cuda.is_available():
-            enable_cpu_training_support()
         self._mcore = mcore
         self._training_module: Optional[TrainingModule] = None
         self._unscaled = False  # fp16: this step's gradients already divided by the loss scale
@@ -136,10 +131,6 @@ class MCoreTrainer(Trainer):
             # (not with a fused optimizer: see ModelParallelGradScaler), the scaler saved / restored in
             # checkpoints (scaler.pt). accelerate builds no scaler on the CPU (transformers' fp16 is fp32 there).
             self.accelerator.scaler = ModelParallelGradScaler("cuda" if torch.cuda.is_available() else "cpu")
-        if type(mcore).activation_checkpointing_enable is PreTrainedModel.activation_checkpointing_enable:
-            # Trainer.train() calls this for activation_checkpointing=True. transformers' version wraps HF
-            # decoder layers; megatron recomputes its own (proposed as a method of the model class).
-            mcore.activation_checkpointing_enable = functools.partial(enable_recompute, mcore)
 
     # ---- model wrapping ------------------------------------------------------------------------
     def _training_state(self) -> TrainingModule:
@@ -426,6 +417,13 @@ class MCoreTrainer(Trainer):
         return loss, logits, labels
 
     # ---- saving --------------------------------------------------------------------------------
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Collective: every rank takes part in writing the model (transformers before 5.24 calls `_save` on
+        the main process only, which would leave the other ranks' shards out and the ranks waiting)."""
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
+
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         """Collective: the full model as an HF folder (adapters only for a PEFT model) in `output_dir`.
 
