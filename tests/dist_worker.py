@@ -83,15 +83,9 @@ def save_target(error_run, out: str) -> str:
     """Create the bad save destination (rank 0) and return its path."""
     parent = os.path.join(out, error_run.id, "targets")
     target = os.path.join(parent, "target")
-    if error_run.target == "no-parent":
-        target = os.path.join(parent, "missing-parent", "target")
     if RANK == 0:
         os.makedirs(parent, exist_ok=True)
-        if error_run.target == "notes-folder":
-            os.makedirs(target)
-            with open(os.path.join(target, "notes.txt"), "w") as f:
-                f.write(NOTES_TEXT)
-        elif error_run.target == "file":
+        if error_run.target == "file":
             with open(target, "w") as f:
                 f.write(NOTES_TEXT)
     barrier()

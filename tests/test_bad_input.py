@@ -156,20 +156,35 @@ def test_missing_path_is_refused():
     assert_names(str(err.value), ("/nonexistent/mcore-tiny-model", "does not exist"))
 
 
-def test_save_into_non_model_folder_is_refused(tmp_path):
+def test_save_onto_a_file_is_refused(tmp_path):
     target = tmp_path / "target"
-    target.mkdir()
-    (target / "notes.txt").write_text(NOTES_TEXT)
+    target.write_text(NOTES_TEXT)
     with pytest.raises(errors.SaveTargetError) as err:
         check_save_target(str(target))
-    assert_names(str(err.value), ("notes.txt", "not a model"))
+    assert_names(str(err.value), ("is a file",))
 
 
-@pytest.mark.parametrize("content", [[], ["config.json"], ["model.safetensors", "config.json"]])
-def test_save_into_empty_or_model_folder_is_allowed(tmp_path, content):
-    target = tmp_path / "target"
-    target.mkdir()
-    for name in content:
-        (target / name).write_text("{}")
-    check_save_target(str(target))
-    check_save_target(str(tmp_path / "new"))
+def test_save_writes_like_transformers_into_any_folder(tmp_path):
+    """As transformers' save_pretrained: parents are made; a folder's other files stay, a previous save's weights
+    go; temporary folders that a killed save left beside the target are removed by the next save."""
+    from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
+
+    source = str(tmp_path / "source")
+    make_tiny_checkpoint(source, "llama", max_shard_size="100KB")
+    target = tmp_path / "run" / "output"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text(NOTES_TEXT)
+    (target / "model-00009-of-00009.safetensors").write_text("stale")
+    left_behind = tmp_path / "run" / ".output.tmp-999999999-deadbeef"  # no process has that PID
+    left_behind.mkdir()
+    try:
+        model = MCoreModelForCausalLM.from_pretrained(source)
+        model.save_pretrained(str(target))
+        model.save_pretrained(str(tmp_path / "new" / "nested" / "folder"))
+    finally:
+        destroy_parallel_state()
+    assert (target / "notes.txt").read_text() == NOTES_TEXT
+    assert not (target / "model-00009-of-00009.safetensors").exists() and not left_behind.exists()
+    assert (target / "config.json").exists() and (tmp_path / "new" / "nested" / "folder" / "config.json").exists()
+    assert sorted(os.listdir(tmp_path / "run")) == ["output"]

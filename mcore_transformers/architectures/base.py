@@ -135,8 +135,8 @@ class DecoderArchitecture:
             add_qkv_bias=self.qkv_bias() or self.linear_bias(),
             qk_layernorm=self.qk_layernorm(),
             softmax_scale=self.softmax_scale(),
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
+            hidden_dropout=0.0,  # transformers' decoder families have no residual dropout
+            attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),  # on the attention probabilities
             **self.moe_config(),
         )
 

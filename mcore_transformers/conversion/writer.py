@@ -15,29 +15,18 @@ from safetensors.torch import save_file
 
 from ..errors import SaveTargetError
 from .config_file import rewrite_config
-from .reader import INDEX_FILE, SINGLE_FILE
+from .reader import SINGLE_FILE
 
 # Files that describe weights; everything else at a source folder's top level is copied verbatim
 # (config.json, generation_config.json, tokenizer files, chat templates, README...).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
-MODEL_FOLDER_MARKERS = ("config.json", SINGLE_FILE, INDEX_FILE)
 
 
 def check_save_target(target: str) -> None:
-    """A target may be absent, an empty folder, or a model folder (replaced whole); nothing else."""
-    if not os.path.exists(target):
-        parent = os.path.dirname(os.path.abspath(target))
-        if not os.path.isdir(parent):
-            raise SaveTargetError(f"Cannot save to {target}: its parent folder {parent} does not exist.")
-        return
-    if not os.path.isdir(target):
+    """Like transformers' save_pretrained: a target may be absent (parents are made), or a folder (model files
+    are written into it, other files stay); a file is refused."""
+    if os.path.exists(target) and not os.path.isdir(target):
         raise SaveTargetError(f"Cannot save to {target}: it exists and is a file. Choose a folder path.")
-    entries = os.listdir(target)
-    if entries and not any(marker in entries for marker in MODEL_FOLDER_MARKERS):
-        raise SaveTargetError(
-            f"Cannot save to {target}: it exists and holds files that are not a model ({sorted(entries)[:5]}). "
-            "Choose an empty or new folder; an existing model folder is replaced whole."
-        )
 
 
 def plan_shards(specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: Union[int, str]):
@@ -93,23 +82,59 @@ class ShardWriter:
                 f.write("\n")
 
 
+TEMP_MARK = ".tmp-"  # .NAME.tmp-PID-XXXXXXXX: the folder a save writes before it commits
+
+
 def temporary_sibling(target: str) -> str:
+    """A fresh folder beside `target` to write into (parents made). Siblings that earlier saves of the same
+    target left behind when their process was killed (its PID is gone) are removed first."""
     target = os.path.abspath(target)
-    path = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
+    parent, name = os.path.dirname(target), os.path.basename(target)
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{name}{TEMP_MARK}"
+    for entry in os.listdir(parent):
+        if entry.startswith(prefix) and not _process_alive(entry[len(prefix):].split("-")[0]):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    path = os.path.join(parent, f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     return path
 
 
+def _process_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False  # not ours to judge: only folders named by this writer carry a PID
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def commit_folder(tmp: str, target: str) -> None:
-    """Move the finished folder into place; an existing model folder is swapped out, then removed."""
+    """Move the finished folder into place. A new target appears whole (one rename). Into an existing folder the
+    files move one by one, replacing those of the same name and the weight files of an earlier save (shard sets
+    differ); other files (logs, checkpoints, a README) stay, as transformers' save_pretrained leaves them."""
     target = os.path.abspath(target)
-    old = None
-    if os.path.exists(target):
-        old = f"{tmp}.old"
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    if not os.path.exists(target):
+        os.rename(tmp, target)
+        return
+    written = os.listdir(tmp)
+    if any(_is_weight_file(name) for name in written):
+        for name in os.listdir(target):
+            if _is_weight_file(name) and name not in written:
+                os.remove(os.path.join(target, name))
+    for name in written:
+        destination = os.path.join(target, name)
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            shutil.rmtree(destination)
+        os.replace(os.path.join(tmp, name), destination)
+    shutil.rmtree(tmp)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
 
 
 def write_hf_folder(

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
 import os
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils import logging
@@ -20,19 +15,23 @@ from transformers.utils import logging
 from ..architectures import DecoderArchitecture, get_architecture
 from .building import build_model
 from ..conversion.binding import BoundParam, bind_parameters
-from ..conversion.config_file import config_changes
-from ..conversion.exporter import PlannedTensor, UnclaimedTensors, export_plan, iter_hf_tensors
+from ..conversion.exporter import PlannedTensor, UnclaimedTensors
 from ..conversion.loader import check_checkpoint, check_materialised, load_parameters
 from ..conversion.reader import CheckpointReader
 from ..conversion.rules import ShardLayout
-from ..conversion.writer import check_save_target, write_hf_folder
 from ..architectures.base import TE_FUSED_NORM_NAMES
-from .forward import ForwardInputs, attention_mask_for, broadcast_from_last_stage, forward_logits, rotary_angles
+from .forward import (
+    ForwardInputs, attention_mask_for, broadcast_from_last_stage, forward_logits, packed_segments, rotary_angles,
+)
 from ..errors import GenerationError, MCoreTransformersError
 from .cache import MCoreKVCache
+from .export import HFExportMixin
 from .generation import MCoreGenerationMixin, cache_argument, with_cache
 from ..conversion.hub import resolve_checkpoint
+from .hidden_states import Backbone, as_transformers_hidden_states, recording_hidden_states
+from .lockstep import model_parallel_group, ranks_agree
 from .pretrained_options import interpret, update_config
+from .router_aux import recording_router_logits, router_aux_outputs
 from .recompute import disable_recompute, enable_recompute, recompute_enabled
 from .vocab import INPUT_EMBEDDINGS, VocabView, output_name, resize_vocabulary
 from ..peft.targets import attach as attach_lora_targets
@@ -52,7 +51,7 @@ def _resolve_dtype(dtype, config: PretrainedConfig) -> torch.dtype:
     return dtype
 
 
-class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
+class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin):
     """A causal LM whose layers are megatron-core modules, sharded by tp / pp / vpp on this rank.
 
     Build it with `from_pretrained`; `forward`, `save_pretrained` and `export_hf_weights` follow
@@ -85,7 +84,14 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         self.source_variant: Optional[str] = None  # transformers' weight-file variant (model.<variant>.safetensors)
         self._bound = bound
         self._plan: Optional[list[PlannedTensor]] = None
+        self._plan_dtype: Optional[torch.dtype] = None
         self.register_buffer("rotary_inv_freq", arch.rope(), persistent=False)
+        # Full-vocabulary views, registered under transformers' names so that code finding them among the
+        # model's modules (peft's target selection, input-embedding hooks) does (no parameters of their own).
+        self.embed_tokens = VocabView(self, INPUT_EMBEDDINGS, source_stage=0)
+        head = output_name(self)
+        if head is not None:
+            self.lm_head = VocabView(self, head, source_stage=0 if head == INPUT_EMBEDDINGS else -1)
         self.post_init()
 
     # ---- transformers hooks --------------------------------------------------------------------
@@ -104,15 +110,17 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
 
     # ---- the vocabulary, as transformers scripts see it (model/vocab.py) ----------------------------
     def get_input_embeddings(self) -> VocabView:
-        """The full-vocabulary embedding (every rank): `weight` is the whole matrix (collective), writes reach the shards."""
-        return VocabView(self, INPUT_EMBEDDINGS, source_stage=0)
+        """The full-vocabulary embedding (every rank): `weight` is the whole matrix, writes reach the shards."""
+        return self.embed_tokens
 
     def get_output_embeddings(self) -> Optional[VocabView]:
-        """The LM head as a full-vocabulary view (the embedding's when tied), like `get_input_embeddings`."""
-        name = output_name(self)
-        if name is None:
-            return None
-        return VocabView(self, name, source_stage=0 if name == INPUT_EMBEDDINGS else -1)
+        """The LM head as a full-vocabulary view (the embedding's rows when tied), like `get_input_embeddings`."""
+        return self._modules.get("lm_head")
+
+    @property
+    def base_model(self) -> Backbone:
+        """The decoder without the LM head, as transformers' backbone (`last_hidden_state`; tp = pp = 1)."""
+        return Backbone(self)
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         raise MCoreTransformersError(
@@ -184,13 +192,13 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         cls,
         pretrained_model_name_or_path: Union[str, os.PathLike],
         *model_args,
-        tp: int = 1,
-        pp: int = 1,
+        tp: Optional[int] = None,
+        pp: Optional[int] = None,
         vpp: Optional[int] = None,
-        cp: int = 1,
-        ep: int = 1,
+        cp: Optional[int] = None,
+        ep: Optional[int] = None,
         etp: Optional[int] = None,
-        sequence_parallel: bool = False,
+        sequence_parallel: Optional[bool] = None,
         dtype: Union[str, torch.dtype, None] = None,
         torch_dtype: Union[str, torch.dtype, None] = None,
         seed: int = DEFAULT_SEED,
@@ -198,7 +206,8 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
     ) -> "MCoreModelForCausalLM":
         """Load an HF checkpoint (folder or hub id) into megatron-core modules laid out by tp/pp/vpp/ep.
 
-        Takes what transformers' `from_pretrained` takes (`config=`, `revision`, `token`, `cache_dir`,
+        Sizes not given come from MCORE_TRANSFORMERS_TP / _PP / _EP / ... (else 1), so a transformers script
+        runs sharded under torchrun unchanged. Takes what transformers' `from_pretrained` takes (`config=`, `revision`, `token`, `cache_dir`,
         `subfolder`, `variant`, `output_loading_info`, config attributes as keywords, ...): see
         `model.pretrained_options` for what each means here and which are refused (quantisation, layer
         placement by `device_map`, TF/Flax weights). Initialises torch.distributed (from torchrun's
@@ -210,7 +219,9 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
                 f"from_pretrained got {len(model_args)} positional argument(s) after the model path; pass options by keyword."
             )
         options = interpret(kwargs, default_device().type)
-        layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, sequence_parallel=sequence_parallel)
+        layout = ParallelConfig.with_environment(
+            tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, sequence_parallel=sequence_parallel
+        )
         folder = resolve_checkpoint(str(pretrained_model_name_or_path), subfolder=options.subfolder, **options.hub)
         config = options.config or AutoConfig.from_pretrained(folder, trust_remote_code=options.trust_remote_code)
         update_config(config, options.config_updates)
@@ -258,6 +269,7 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         cache_position: Optional[torch.LongTensor] = None,
         return_dict: Optional[bool] = None,
         cache: Optional[MCoreKVCache] = None,
+        output_hidden_states: Optional[bool] = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """HF causal-LM forward: full-vocab logits on every rank; loss shifted inside, -100 ignored.
@@ -266,7 +278,8 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         name, or `past_key_values`) the tokens are appended to the cache: `attention_mask` then covers the cached tokens and these (HF's convention) and
         `position_ids` default to the positions after the cached ones. `use_cache=True` without a cache
         starts one. `logits_to_keep` (int: the last n positions, 0 = all; or 1-D indices) limits the
-        positions whose logits are computed.
+        positions whose logits are computed. `output_hidden_states` returns transformers' `hidden_states` tuple
+        (pp = 1). Under tp / pp every rank must pass the same inputs; different ones are refused.
         """
         if inputs_embeds is not None:
             raise NotImplementedError("inputs_embeds is not supported: pass input_ids.")
@@ -275,6 +288,13 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         device = self.rotary_inv_freq.device
         input_ids = input_ids.to(device)
         batch, seq = input_ids.shape
+        if self._generate_cache is None and not ranks_agree(input_ids, model_parallel_group()):
+            raise MCoreTransformersError(
+                f"The ranks of this model (tp={self.layout.tp}, pp={self.layout.pp}) got different input_ids. Every rank "
+                "of a tensor / pipeline-parallel group must run the model on the same batch. transformers.Trainer and "
+                "TRL's trainers hand each process its own batch: under tp / pp > 1 train with MCoreTrainer (or the "
+                "trainers in mcore_transformers.trl), which give the ranks of one model the same data."
+            )
 
         cache = cache_argument(past_key_values, cache)
         self.check_received_cache(cache)
@@ -293,6 +313,10 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
                     f"attention_mask has shape {tuple(attention_mask.shape)} but must be [batch, cached + new tokens] "
                     f"= [{batch}, {past} + {seq}]: with a KV cache it covers the cached tokens too, as in transformers."
                 )
+        # transformers' packed sequences: position ids that restart, no attention mask, no cache (transformers
+        # makes one when use_cache, or else config.use_cache, is true: packing is not looked for then).
+        wants_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", False)
+        packing_possible = position_ids is not None and attention_mask is None and cache is None and not wants_cache
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=device).expand(batch, seq)
         position_ids = position_ids.to(device)
@@ -326,17 +350,17 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         if output_router_logits is None:
             output_router_logits = getattr(self.config, "output_router_logits", False)
         aux_spec = self.arch.router_aux_loss() if output_router_logits else None
-        recording = contextlib.nullcontext([])
-        if aux_spec is not None:
-            from .router_aux import recording_router_logits
-
-            recording = recording_router_logits(self.chunks)
+        recording = recording_router_logits(self.chunks) if aux_spec is not None else contextlib.nullcontext([])
+        hidden_recording = contextlib.nullcontext(None)
+        if output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states:
+            hidden_recording = recording_hidden_states(self.chunks, self.layout.pp)
 
         rotary_positions = cache.begin_step(position_ids) if cache is not None else position_ids
+        packed = packed_segments(position_ids) if packing_possible else None
         inputs = ForwardInputs(
             input_ids=input_ids,
             attention_mask=attention_mask_for(
-                attention_mask, batch, padded_seq, self.arch.sliding_window(), device, past=past
+                attention_mask, batch, padded_seq, self.arch.sliding_window(), device, past=past, segments=packed
             ),
             rotary=rotary_angles(rotary_positions, self.rotary_inv_freq),
             inference_context=cache.context if cache is not None else None,
@@ -347,7 +371,7 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
         hidden_shape = (hidden_seq, batch, self.config.hidden_size)
         cut_after = sequence_parallel or keep is None  # else run_chunk computed only the kept positions
         logits_seq = padded_seq if cut_after else kept
-        with recording as router_logits:
+        with recording as router_logits, hidden_recording as recorded_hidden:
             if self.layout.pp > 1:
                 # Pipeline stages run here for inference and evaluation; training under pp goes through
                 # megatron's pipeline schedule (MCoreTrainer), which owns the backward pass.
@@ -367,43 +391,22 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
                 logits = logits[:, keep]
         logits = logits.contiguous()
 
+        hidden_states = None
+        if recorded_hidden is not None:
+            hidden_states = as_transformers_hidden_states(recorded_hidden, sequence_parallel, seq)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels.to(device), vocab_size=self.config.vocab_size, **kwargs)
         if aux_spec is None:
-            return with_cache(CausalLMOutputWithPast, cache, loss=loss, logits=logits)
+            return with_cache(CausalLMOutputWithPast, cache, loss=loss, logits=logits, hidden_states=hidden_states)
         new_tokens_mask = attention_mask[:, past:] if attention_mask is not None else None  # padded like the input
-        aux_loss, routers = self._router_aux_loss(aux_spec, router_logits, new_tokens_mask, batch)
+        aux_loss, routers = router_aux_outputs(self.layout, aux_spec, router_logits, new_tokens_mask, batch)
         if loss is not None:
             loss = loss + aux_spec[2] * aux_loss.to(loss.device)
         return with_cache(
-            MoeCausalLMOutputWithPast, cache, loss=loss, aux_loss=aux_loss, logits=logits, router_logits=routers
+            MoeCausalLMOutputWithPast, cache, loss=loss, aux_loss=aux_loss, logits=logits, router_logits=routers,
+            hidden_states=hidden_states,
         )
-
-    def _router_aux_loss(self, spec, router_logits, attention_mask, batch: int):
-        """transformers' load-balancing loss over this forward's tokens (every MoE layer, every stage).
-
-        The value is summed over pipeline stages (layers) and, under sequence parallelism, over the
-        tensor-parallel ranks (tokens); its gradient (pipeline size 1) flows through this rank's logits.
-        Also returns the router logits as transformers does ([b·s, experts] per MoE layer) where this
-        rank routed every token (no pipeline or sequence split); otherwise None.
-        """
-        from .router_aux import RouterAuxLoss, load_balancing_loss, router_token_mask
-
-        sequence_parallel = self.layout.sequence_parallel and self.layout.tp > 1
-        groups = []
-        if sequence_parallel:
-            groups.append(ps.get_tensor_model_parallel_group())
-        if self.layout.pp > 1:
-            groups.append(ps.get_pipeline_model_parallel_group())
-        mask = router_token_mask(attention_mask, sequence_parallel)
-        aux_loss, share = load_balancing_loss(router_logits, RouterAuxLoss(*spec, groups=tuple(groups)), mask)
-        if share.requires_grad:
-            aux_loss = aux_loss + (share - share.detach())  # the value of the whole, the gradient of this share
-        routers = None
-        if not sequence_parallel and self.layout.pp == 1:
-            routers = tuple(r.transpose(0, 1).reshape(batch * r.shape[0], -1) for r in router_logits)  # [s, b, E] → [b·s, E]
-        return aux_loss, routers
 
     # ---- generation ----------------------------------------------------------------------------
     def new_kv_cache(self, batch_size: int, max_length: int) -> MCoreKVCache:
@@ -427,83 +430,3 @@ class MCoreModelForCausalLM(PreTrainedModel, MCoreGenerationMixin):
 
     def _cache_spare(self) -> int:
         return self.layout.tp - 1 if self.layout.sequence_parallel else 0
-
-    # ---- export --------------------------------------------------------------------------------
-    def export_plan(self) -> list[PlannedTensor]:
-        """Names, shapes and dtypes of every HF tensor this model exports (collective the first time)."""
-        if self._plan is None:
-            self._plan = export_plan(self._bound, self.shard_layout)
-        return self._plan
-
-    def export_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Collective: yield (HF name, full tensor) on every rank, in checkpoint order."""
-        yield from iter_hf_tensors(self._bound, self.shard_layout, self.export_plan(), to="all")
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Global parameter count of the HF model (every shard, once; no vocab padding)."""
-        total = 0
-        for entry in self.export_plan():
-            if entry.buffer:  # e.g. DeepSeek-V3's routing score correction: a buffer in transformers too
-                continue
-            for name, shape in zip(entry.names, entry.shapes):
-                if exclude_embeddings and ("embed_tokens" in name or "lm_head" in name):
-                    continue
-                total += math.prod(shape)
-        if only_trainable and not all(p.requires_grad for p in self.parameters()):
-            # Parameters replicated over tensor parallelism (norms, LoRA adapters) count on TP rank 0 only.
-            tp_rank = ps.get_tensor_model_parallel_rank()
-            local = sum(
-                p.numel() for p in self.parameters()
-                if p.requires_grad and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
-            )
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                count = torch.tensor([local], dtype=torch.float64)
-                dist.all_reduce(count, group=ps.get_model_parallel_group())
-                local = int(count.item())
-            return local
-        return total
-
-    def save_pretrained(
-        self,
-        save_directory: Union[str, os.PathLike],
-        max_shard_size: Union[int, str] = "5GB",
-        **kwargs,
-    ) -> None:
-        """Collective: write an HF folder (safetensors shards + index, source config/tokenizer verbatim).
-
-        Only global rank 0 writes; the folder appears atomically (written beside it, then renamed).
-        """
-        target = str(save_directory)
-        error = [None]
-        if is_rank0():
-            try:
-                check_save_target(target)
-            except Exception as err:  # re-raised on every rank below, before any collective
-                error = [err]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise error[0]
-
-        plan = self.export_plan()
-        stream = iter_hf_tensors(self._bound, self.shard_layout, plan, to="rank0")
-        if is_rank0():
-            # Source tensors no rule claims (DeepSeek-V3's MTP layers) are copied through verbatim.
-            unclaimed = UnclaimedTensors(self.source_folder, plan, self.source_variant)
-            specs = [(n, s, e.dtype) for e in plan for n, s in zip(e.names, e.shapes)] + unclaimed.specs
-            progress = tqdm(
-                itertools.chain(stream, unclaimed), total=len(specs), desc="Saving", unit="tensor",
-                disable=not logging.is_progress_bar_enabled(),
-            )
-            try:
-                changes = config_changes(self.config, self.source_folder, self.dtype)
-                write_hf_folder(
-                    target, progress, specs, max_shard_size, self.source_folder, self.config.save_pretrained, changes
-                )
-            finally:
-                unclaimed.close()
-        else:
-            for _ in stream:
-                pass
-        if dist.is_initialized():
-            dist.barrier()

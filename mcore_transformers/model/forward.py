@@ -33,13 +33,14 @@ class ForwardInputs:
 
 def attention_mask_for(
     padding_mask: Optional[torch.Tensor], batch: int, seq: int, window: Optional[int], device: torch.device,
-    past: int = 0,
+    past: int = 0, segments: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal (+ sliding window) mask combined with the HF padding mask; True = not attended.
 
     The queries are positions `past .. past + seq - 1` of the sequence, the keys `0 .. past + seq - 1`
     (`past` > 0 when earlier positions sit in a KV cache). `padding_mask` is HF's 2-D mask over all
-    `past + seq` positions, 1 = real token.
+    `past + seq` positions, 1 = real token. `segments` ([b, seq], no cache): packed sequences, a token
+    attends only within its own (`packed_segments`).
     """
     query = torch.arange(past, past + seq, device=device)[:, None]
     key = torch.arange(past + seq, device=device)[None, :]
@@ -49,7 +50,21 @@ def attention_mask_for(
     masked = masked[None, None].expand(batch, 1, seq, past + seq)
     if padding_mask is not None:
         masked = masked | ~padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    if segments is not None:
+        segments = segments.to(device)
+        masked = masked | (segments[:, None, :, None] != segments[:, None, None, :])
     return masked
+
+
+def packed_segments(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """transformers' rule for packed sequences (batches without an attention mask, e.g. TRL's padding-free
+    packing): a position that does not follow its predecessor by one starts a new sequence. [b, s] sequence
+    numbers, or None when every row holds one sequence."""
+    if position_ids is None:
+        return None
+    diff = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    segments = (diff != 1).cumsum(-1)
+    return None if bool((segments[:, -1] == 0).all()) else segments
 
 
 def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

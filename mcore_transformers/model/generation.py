@@ -20,7 +20,6 @@ otherwise decode every step without context and return wrong tokens silently.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import os
@@ -36,6 +35,7 @@ from transformers.utils import logging
 from ..errors import GenerationError
 from ..runtime.parallel import is_rank0
 from .cache import MCoreKVCache
+from .lockstep import model_parallel_group, ranks_agree, sampling_in_lockstep
 
 logger = logging.get_logger(__name__)
 
@@ -151,7 +151,11 @@ class MCoreGenerationMixin(GenerationMixin):
                 output = super().generate(*args, **kwargs)
         finally:
             self._generate_cache = None
-        check_ranks_agree(output if isinstance(output, torch.Tensor) else output.sequences, group)
+        if not ranks_agree(output if isinstance(output, torch.Tensor) else output.sequences, group):
+            raise GenerationError(
+                "The ranks of this model generated different token ids. Every rank of a model-parallel group must "
+                "call generate() with the same inputs and generation settings (same prompts, same kwargs)."
+            )
         return output
 
 
@@ -197,57 +201,4 @@ def check_cache_fits(needed: int, batch_size: int, rows: int, max_length: int, d
             f"{max_length} tokens needs {_gib(needed)} on this rank, but {where}. Lower the batch size, "
             "num_beams / num_return_sequences or max_new_tokens, spread the layers over more ranks (tp / pp), "
             "or pass use_cache=False (slower: recomputes the whole sequence every step)."
-        )
-
-
-def model_parallel_group():
-    """The group of ranks that hold one copy of the model (they must generate in lockstep), or None."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_model_parallel_group()
-    return group if dist.get_world_size(group) > 1 else None
-
-
-def _group_source(group) -> int:
-    return dist.get_process_group_ranks(group)[0]
-
-
-@contextlib.contextmanager
-def sampling_in_lockstep(group):
-    """Every rank of `group` samples with the random state of the group's first rank.
-
-    Under tp / pp every rank runs HF's generate loop on identical logits; sampling draws from torch's
-    global generator, so the ranks must hold the same generator state or they pick different tokens
-    (and the pipeline stalls on mismatched shapes). The first rank's state is broadcast when generate
-    starts, so a seed set there reproduces what transformers samples in a single process.
-    """
-    if group is None:
-        yield
-        return
-    states = [torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None]
-    dist.broadcast_object_list(states, src=_group_source(group), group=group)
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1])
-    yield
-
-
-def check_ranks_agree(sequences: torch.Tensor, group) -> None:
-    """Every rank of the model must return the same ids; a mismatch means the ranks were given different inputs."""
-    if group is None:
-        return
-    ids = sequences.detach().long()
-    weights = torch.arange(1, ids.numel() + 1, device=ids.device, dtype=torch.long).view_as(ids) % 1_000_003
-    digest = torch.stack([(ids * weights).sum(), ids.sum(), torch.tensor(ids.numel(), device=ids.device)]).double()
-    if ids.device.type != "cuda":
-        digest = digest.cpu()
-    low, high = digest.clone(), digest.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(low, high):
-        raise GenerationError(
-            "The ranks of this model generated different token ids. Every rank of a model-parallel group must "
-            "call generate() with the same inputs and generation settings (same prompts, same kwargs)."
         )

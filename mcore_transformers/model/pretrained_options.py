@@ -127,7 +127,8 @@ def _check_device_map(device_map, device_type: str) -> None:
     if device_map is None or device_map == "auto":
         return
     single = device_map.get("") if isinstance(device_map, dict) and set(device_map) == {""} else device_map
-    if isinstance(single, (str, int)) or hasattr(single, "type"):
+    strategy = isinstance(single, str) and single in ("balanced", "balanced_low_0", "sequential")
+    if not strategy and (isinstance(single, (str, int)) or hasattr(single, "type")):
         wanted = "cuda" if isinstance(single, int) else getattr(single, "type", str(single).split(":")[0])
         if wanted == device_type:
             return

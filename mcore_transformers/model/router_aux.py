@@ -211,3 +211,28 @@ def _replayed_rng() -> Iterator[None]:
         yield
     tracker.set_states(streams)
 
+
+
+def router_aux_outputs(layout, spec, router_logits, attention_mask, batch: int):
+    """transformers' load-balancing loss over one forward's tokens (every MoE layer, every stage), and the
+    router logits transformers returns.
+
+    The value is summed over pipeline stages (layers) and, under sequence parallelism, over the
+    tensor-parallel ranks (tokens); its gradient (pipeline size 1) flows through this rank's logits.
+    The router logits come as transformers returns them ([b·s, experts] per MoE layer) where this
+    rank routed every token (no pipeline or sequence split); otherwise None.
+    """
+    sequence_parallel = layout.sequence_parallel and layout.tp > 1
+    groups = []
+    if sequence_parallel:
+        groups.append(ps.get_tensor_model_parallel_group())
+    if layout.pp > 1:
+        groups.append(ps.get_pipeline_model_parallel_group())
+    mask = router_token_mask(attention_mask, sequence_parallel)
+    aux_loss, share = load_balancing_loss(router_logits, RouterAuxLoss(*spec, groups=tuple(groups)), mask)
+    if share.requires_grad:
+        aux_loss = aux_loss + (share - share.detach())  # the value of the whole, the gradient of this share
+    routers = None
+    if not sequence_parallel and layout.pp == 1:
+        routers = tuple(r.transpose(0, 1).reshape(batch * r.shape[0], -1) for r in router_logits)  # [s, b, E] → [b·s, E]
+    return aux_loss, routers

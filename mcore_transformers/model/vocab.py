@@ -6,9 +6,10 @@ multiple of tp) and holds them on the first / last pipeline stage. Scripts writt
 matrix, and call `resize_token_embeddings`. Here:
 
 - `VocabView` is what `get_input_embeddings()` / `get_output_embeddings()` return on every rank: its `weight`
-  is the full `[vocab_size, hidden]` matrix (gathered over TP, broadcast over PP: collective, so every rank of
-  the model calls it, as every rank runs the script), and in-place writes to it (`weight[ids] = rows`,
-  `weight.data[...]`, `normal_()`) go back into every shard that holds those rows, the tied LM head included.
+  is the full `[vocab_size, hidden]` matrix. At tp = pp = 1 that is the parameter itself. Otherwise it is
+  gathered over TP and broadcast over PP (collective, so every rank of the model reads it, as every rank runs
+  the script), and in-place writes to it (`weight[ids] = rows`, `weight.data[...]`, `normal_()`) go back into
+  every shard that holds those rows, the tied LM head included.
 - `resize_vocabulary` grows or shrinks the vocabulary: the new rows are drawn by transformers' own
   `_get_resized_embeddings` / `_get_resized_lm_head` on a full-size copy, with every rank drawing from rank 0's
   random state, so they equal what transformers draws for the HF model under the same seed (checked against
@@ -30,7 +31,7 @@ from ..conversion.binding import BoundParam
 from ..conversion.exporter import gather_full
 from ..conversion.rules import InMemorySource, ShardLayout, VocabColumn
 from ..errors import MCoreTransformersError
-from .generation import sampling_in_lockstep
+from .lockstep import sampling_in_lockstep
 
 INPUT_EMBEDDINGS = "model.embed_tokens.weight"  # the HF name every family's embedding rule uses
 
@@ -74,16 +75,32 @@ class VocabView(nn.Module):
     out_features = num_embeddings
     in_features = embedding_dim
 
+    bias = None  # megatron's vocabulary layers have none (transformers' LM heads neither)
+
     @property
-    def weight(self) -> FullVocabWeight:
-        """Collective over the model's ranks: the full matrix (a copy); writes to it go back into the shards."""
+    def weight(self) -> torch.Tensor:
+        """The full matrix. With tp = pp = 1 it is the parameter itself (trainable, hooks and all); otherwise a
+        copy gathered over the model's ranks (collective) whose in-place writes go back into the shards."""
+        whole = self._whole_parameter()
+        if whole is not None:
+            return whole
         full = gather_vocab(self._model, self.hf_name, self.source_stage).as_subclass(FullVocabWeight)
         full._write_back = lambda tensor: scatter_vocab(self._model, self.hf_name, tensor)
         return full
 
+    def _whole_parameter(self) -> Optional[nn.Parameter]:
+        layout = self._model.shard_layout
+        if layout.tp_size > 1 or layout.padded_vocab_size != layout.vocab_size or _pipeline_group() is not None:
+            return None
+        items = vocab_items(self._model, self.hf_name)
+        return items[0].param if len(items) == 1 else None
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of `input_ids` ([..., hidden]): collective, like `weight`."""
-        return nn.functional.embedding(input_ids.to(self._model.device), self.weight.as_subclass(torch.Tensor))
+        weight = self.weight
+        if isinstance(weight, FullVocabWeight):
+            weight = weight.as_subclass(torch.Tensor)
+        return nn.functional.embedding(input_ids.to(self._model.device), weight)
 
     def extra_repr(self) -> str:
         return f"{self.hf_name}: {self.num_embeddings} × {self.embedding_dim}, sharded by megatron-core"

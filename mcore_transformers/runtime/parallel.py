@@ -15,6 +15,7 @@ from ..errors import LayoutError
 logger = logging.get_logger(__name__)
 
 DEFAULT_SEED = 1234
+LAYOUT_ENV_PREFIX = "MCORE_TRANSFORMERS_"  # MCORE_TRANSFORMERS_TP=2 etc.: the layout of a script that names none
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,26 @@ class ParallelConfig:
                 f"ep·etp·pp = {self.ep}·{expert_tp}·{self.pp} = {expert_group} does not divide the "
                 f"world size {world_size}."
             )
+
+    @classmethod
+    def with_environment(cls, **given) -> "ParallelConfig":
+        """The layout from the arguments given, the others from MCORE_TRANSFORMERS_TP / _PP / _VPP / _CP / _EP /
+        _ETP / _SEQUENCE_PARALLEL (so an unmodified transformers script runs sharded under torchrun), else 1."""
+        values = {}
+        for field in fields(cls):
+            value = given.get(field.name)
+            if value is None:
+                text = os.environ.get(f"{LAYOUT_ENV_PREFIX}{field.name.upper()}")
+                if text:
+                    try:
+                        value = text.strip().lower() in ("1", "true", "yes") if field.type == "bool" else int(text)
+                    except ValueError:
+                        raise LayoutError(
+                            f"{LAYOUT_ENV_PREFIX}{field.name.upper()}={text!r} is not a number: set it to an integer."
+                        ) from None
+            if value is not None:
+                values[field.name] = value
+        return cls(**values)
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "ParallelConfig":

@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
-from ..model.forward import ForwardInputs, attention_mask_for, bare_chunk, rotary_angles, run_chunk
+from ..model.forward import ForwardInputs, attention_mask_for, bare_chunk, packed_segments, rotary_angles, run_chunk
 from .errors import TrainingError
 from ..model.router_aux import (
     PooledRouting,
@@ -66,9 +66,8 @@ def pad_sequence_to(batch: dict, multiple: int) -> dict:
     padded["input_ids"] = nn.functional.pad(batch["input_ids"], (0, extra))
     padded["labels"] = nn.functional.pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
     mask = batch.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(batch["input_ids"])
-    padded["attention_mask"] = nn.functional.pad(mask, (0, extra))
+    if mask is not None:  # without one, the tail is invisible anyway: it comes after every real token
+        padded["attention_mask"] = nn.functional.pad(mask, (0, extra))
     positions = batch.get("position_ids")
     if positions is not None:
         tail = positions[:, -1:] + torch.arange(1, extra + 1, device=positions.device)
@@ -149,7 +148,10 @@ class PipelineStep:
             positions = torch.arange(seq, device=input_ids.device).expand(rows, seq)
         inputs = ForwardInputs(
             input_ids=input_ids,
-            attention_mask=attention_mask_for(batch.get("attention_mask"), rows, seq, self.window, input_ids.device),
+            attention_mask=attention_mask_for(
+                batch.get("attention_mask"), rows, seq, self.window, input_ids.device,
+                segments=packed_segments(batch.get("position_ids")) if batch.get("attention_mask") is None else None,
+            ),
             rotary=rotary_angles(positions, self.model.rotary_inv_freq),
         )
         # Past the first stage the schedule has already handed the received activations to the decoder.

@@ -57,7 +57,6 @@ from .grads import (
     swap_optimizer_params,
     wrap_chunks,
 )
-from .saving import write_into_folder
 from ..model.router_aux import RouterAuxLoss, router_aux_loss_of
 from .step import IGNORE_INDEX, PipelineStep, count_valid_targets, shifted_targets
 
@@ -438,9 +437,9 @@ class MCoreTrainer(Trainer):
         if _is_peft_model(self.model):
             from ..peft import save_adapter  # an HF PEFT folder at any tp / pp
 
-            write_into_folder(output_dir, lambda scratch: save_adapter(self.model, scratch))
+            save_adapter(self.model, output_dir)
         else:
-            write_into_folder(output_dir, self._mcore.save_pretrained)
+            self._mcore.save_pretrained(output_dir)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)

@@ -1,0 +1,142 @@
+"""The model as an HF folder: the export plan, full HF tensors (RL weight sync), save_pretrained and push_to_hub.
+
+`HFExportMixin` is shared by the model classes: it needs `_bound` (the bound rule table), `shard_layout`,
+`config`, `dtype`, `source_folder` / `source_variant` (the checkpoint the model was loaded from) and, for the
+plan cache, `_plan` / `_plan_dtype`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from typing import Iterator, Optional, Union
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..conversion.config_file import config_changes
+from ..conversion.exporter import PlannedTensor, UnclaimedTensors, export_plan, iter_hf_tensors
+from ..conversion.writer import check_save_target, write_hf_folder
+from ..errors import MCoreTransformersError
+from ..runtime.parallel import is_rank0
+
+
+class HFExportMixin:
+    """Export and saving in transformers' formats, collective over the ranks of the model."""
+
+    def export_plan(self) -> list[PlannedTensor]:
+        """Names, shapes and dtypes of every HF tensor this model exports (collective when it is (re)made: the
+        first time, and after `.to(dtype)` or a resize changed what it lists)."""
+        if self._plan is None or self._plan_dtype != self.dtype:
+            self._plan, self._plan_dtype = export_plan(self._bound, self.shard_layout), self.dtype
+        return self._plan
+
+    def export_hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective: yield (HF name, full tensor) on every rank, in checkpoint order."""
+        yield from iter_hf_tensors(self._bound, self.shard_layout, self.export_plan(), to="all")
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Global parameter count of the HF model (every shard, once; no vocab padding)."""
+        total = 0
+        for entry in self.export_plan():
+            if entry.buffer:  # e.g. DeepSeek-V3's routing score correction: a buffer in transformers too
+                continue
+            for name, shape in zip(entry.names, entry.shapes):
+                if exclude_embeddings and ("embed_tokens" in name or "lm_head" in name):
+                    continue
+                total += math.prod(shape)
+        if only_trainable and not all(p.requires_grad for p in self.parameters()):
+            # Parameters replicated over tensor parallelism (norms, LoRA adapters) count on TP rank 0 only.
+            tp_rank = ps.get_tensor_model_parallel_rank()
+            local = sum(
+                p.numel() for p in self.parameters()
+                if p.requires_grad and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+            )
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                count = torch.tensor([local], dtype=torch.float64)
+                dist.all_reduce(count, group=ps.get_model_parallel_group())
+                local = int(count.item())
+            return local
+        return total
+
+    def push_to_hub(
+        self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
+        token: Union[str, bool, None] = None, revision: Optional[str] = None, create_pr: bool = False, **kwargs,
+    ):
+        """Collective: save the HF folder (every rank takes part), then global rank 0 uploads it with
+        huggingface_hub. Every rank raises the same clear error when the Hub cannot be reached."""
+        import tempfile
+
+        from huggingface_hub import create_repo, upload_folder
+
+        with tempfile.TemporaryDirectory(prefix="mcore-push-") as scratch:
+            folder = os.path.join(scratch, "model")
+            self.save_pretrained(folder, max_shard_size=kwargs.pop("max_shard_size", "5GB"))
+            outcome: list = [None]
+            if is_rank0():
+                try:
+                    create_repo(repo_id, private=private, token=token, exist_ok=True)
+                    outcome[0] = upload_folder(
+                        repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload model",
+                        token=token, revision=revision, create_pr=create_pr,
+                    )
+                except Exception as err:  # offline, no token, no rights: one message on every rank
+                    outcome[0] = MCoreTransformersError(
+                        f"push_to_hub({repo_id!r}) could not upload to the Hugging Face Hub ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}). Save the model with save_pretrained(folder) "
+                        "and upload that folder (`hf upload`) where the Hub can be reached and you are logged in."
+                    )
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast_object_list(outcome, src=0)
+            if isinstance(outcome[0], Exception):
+                raise outcome[0]
+            return outcome[0]
+
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        max_shard_size: Union[int, str] = "5GB",
+        **kwargs,
+    ) -> None:
+        """Collective: write an HF folder (safetensors shards + index, source config/tokenizer verbatim).
+
+        Only global rank 0 writes; the folder appears atomically (written beside it, then renamed).
+        """
+        target = str(save_directory)
+        error = [None]
+        if is_rank0():
+            try:
+                check_save_target(target)
+            except Exception as err:  # re-raised on every rank below, before any collective
+                error = [err]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise error[0]
+
+        plan = self.export_plan()
+        stream = iter_hf_tensors(self._bound, self.shard_layout, plan, to="rank0")
+        if is_rank0():
+            # Source tensors no rule claims (DeepSeek-V3's MTP layers) are copied through verbatim.
+            unclaimed = UnclaimedTensors(self.source_folder, plan, self.source_variant)
+            specs = [(n, s, e.dtype) for e in plan for n, s in zip(e.names, e.shapes)] + unclaimed.specs
+            progress = tqdm(
+                itertools.chain(stream, unclaimed), total=len(specs), desc="Saving", unit="tensor",
+                disable=not logging.is_progress_bar_enabled(),
+            )
+            try:
+                changes = config_changes(self.config, self.source_folder, self.dtype)
+                write_hf_folder(
+                    target, progress, specs, max_shard_size, self.source_folder, self.config.save_pretrained, changes
+                )
+            finally:
+                unclaimed.close()
+        else:
+            for _ in stream:
+                pass
+        if dist.is_initialized():
+            dist.barrier()
