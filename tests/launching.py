@@ -92,6 +92,18 @@ class Started:
         return returncode, log
 
 
+def launch_together(worker: str, launches: dict[str, tuple[list[str], int]], out: str,
+                    timeout_s: float) -> dict[str, tuple[Optional[int], str]]:
+    """Start every `name: (args, world)` launch of `worker` at once (logs OUT/<name>.log), wait for all:
+    {name: (exit code or None on the timeout, log)}. An interrupt while waiting stops them all."""
+    started = {name: Started(worker, args, world, os.path.join(out, f"{name}.log")) for name, (args, world) in launches.items()}
+    try:
+        return {name: process.wait(timeout_s) for name, process in started.items()}
+    finally:
+        for process in started.values():
+            process.stop()
+
+
 def launch(worker: str, args: list[str], world: int, timeout_s: float, log_path: str,
            env: Optional[dict] = None) -> tuple[Optional[int], str]:
     """Run `worker *args` on `world` ranks and wait: (exit code or None on the timeout, log); see Started."""

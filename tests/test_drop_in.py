@@ -41,14 +41,8 @@ RUNS = {
     "tp2": (tuple(SWAPS), 2, {"TP": "2"}),
     "pp2": (tuple(SWAPS), 2, {"PP": "2"}),
 }
-VERSES = [
-    "In the beginning God created the heaven and the earth.",
-    "And the earth was without form, and void; and darkness was upon the face of the deep.",
-    "And the Spirit of God moved upon the face of the waters.",
-    "And God said, Let there be light: and there was light.",
-    "And God saw the light, that it was good: and God divided the light from the darkness.",
-    "And God called the light Day, and the darkness he called Night.",
-]
+sys.path.insert(0, os.path.dirname(SFT))
+from sft import VERSES  # noqa: E402  (the example's own text, for run_clm's data file too)
 
 
 def swapped_script(script: str, swaps: tuple[str, ...], folder: str) -> str:

@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_generate_worker as W  # noqa: E402
-from launching import Started  # noqa: E402
+from launching import launch_together  # noqa: E402
 
 pytestmark = pytest.mark.compat  # all of generate is in the compatibility subset (./dev compat oldest)
 
@@ -37,14 +37,9 @@ def checkpoints(tmp_path_factory) -> str:
 def launches(checkpoints, tmp_path_factory) -> dict:
     """Both launches, started together; {launch: (out folder, returncode, log)}."""
     out = str(tmp_path_factory.mktemp("generate-results"))
-    started = {launch: Started(WORKER, [out, checkpoints, ",".join(layouts)], W.LAYOUTS[layouts[0]]["world"],
-                               os.path.join(out, f"{launch}.log"))
-               for launch, layouts in LAUNCHES.items()}
-    try:
-        return {launch: (out, *process.wait(TIMEOUT_S)) for launch, process in started.items()}
-    finally:  # an interrupt while waiting for the first: stop the other too
-        for process in started.values():
-            process.stop()
+    runs = {launch: ([out, checkpoints, ",".join(layouts)], W.LAYOUTS[layouts[0]]["world"])
+            for launch, layouts in LAUNCHES.items()}
+    return {launch: (out, *result) for launch, result in launch_together(WORKER, runs, out, TIMEOUT_S).items()}
 
 
 def _records(launches, layout: str) -> list[dict]:

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_surface_worker as W  # noqa: E402
-from launching import Started  # noqa: E402
+from launching import launch_together  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_surface_worker.py")
 LAUNCHES = {"tp1": ["tp1"], "world2": ["tp2", "pp2", "tp2sp"]}
@@ -30,15 +30,8 @@ def checkpoints(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def results(checkpoints, tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("surface-results"))
-    started = {launch: Started(WORKER, [out, checkpoints, ",".join(layouts)], 1 if launch == "tp1" else 2,
-                               os.path.join(out, f"{launch}.log")) for launch, layouts in LAUNCHES.items()}
-    logs = {}
-    try:
-        for launch, process in started.items():
-            logs[launch] = process.wait(TIMEOUT_S)[1]
-    finally:
-        for process in started.values():
-            process.stop()
+    runs = {launch: ([out, checkpoints, ",".join(layouts)], 1 if launch == "tp1" else 2) for launch, layouts in LAUNCHES.items()}
+    logs = {launch: log for launch, (_, log) in launch_together(WORKER, runs, out, TIMEOUT_S).items()}
 
     def get(layout: str, checkpoint: str, rank: int) -> dict:
         path = os.path.join(out, layout, f"rank{rank}.json")

@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dist_moe_worker import CHECKPOINTS, ERRORS, LAYOUTS, MTP_LAYER, PARITY, build_checkpoints, make_batch  # noqa: E402
+from dist_moe_worker import ERRORS, LAYOUTS, MTP_LAYER, PARITY, build_checkpoints, make_batch  # noqa: E402
 import launching  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_moe_worker.py")

@@ -86,12 +86,13 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         self._plan: Optional[list[PlannedTensor]] = None
         self._plan_dtype: Optional[torch.dtype] = None
         self.register_buffer("rotary_inv_freq", arch.rope(), persistent=False)
-        # Full-vocabulary views, registered under transformers' names so that code finding them among the
-        # model's modules (peft's target selection, input-embedding hooks) does (no parameters of their own).
-        self.embed_tokens = VocabView(self, INPUT_EMBEDDINGS, source_stage=0)
+        # Full-vocabulary views, registered so that code looking for them among the model's modules finds them
+        # (peft's "all-linear" excludes the head by identity). Not under transformers' names: peft targets
+        # by name, and these are views, not layers it could adapt (LoRA targets are the decoder's linears).
+        self.embed_tokens_view = VocabView(self, INPUT_EMBEDDINGS, source_stage=0)
         head = output_name(self)
         if head is not None:
-            self.lm_head = VocabView(self, head, source_stage=0 if head == INPUT_EMBEDDINGS else -1)
+            self.lm_head_view = VocabView(self, head, source_stage=0 if head == INPUT_EMBEDDINGS else -1)
         self.post_init()
 
     # ---- transformers hooks --------------------------------------------------------------------
@@ -111,11 +112,11 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
     # ---- the vocabulary, as transformers scripts see it (model/vocab.py) ----------------------------
     def get_input_embeddings(self) -> VocabView:
         """The full-vocabulary embedding (every rank): `weight` is the whole matrix, writes reach the shards."""
-        return self.embed_tokens
+        return self.embed_tokens_view
 
     def get_output_embeddings(self) -> Optional[VocabView]:
         """The LM head as a full-vocabulary view (the embedding's rows when tied), like `get_input_embeddings`."""
-        return self._modules.get("lm_head")
+        return self._modules.get("lm_head_view")
 
     @property
     def base_model(self) -> Backbone:

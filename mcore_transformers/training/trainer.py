@@ -363,10 +363,9 @@ class MCoreTrainer(Trainer):
         return super().evaluation_loop(*args, **kwargs)
 
     def _gather_for_metrics(self, data, use_gather_object: bool = False):
-        """accelerate's gather_for_metrics, over the data-parallel group instead of the world."""
-        if dp_size() == 1:
-            return data
-        gathered = gather_over_data_parallel(data)
+        """accelerate's gather_for_metrics, over the data-parallel group instead of the world: the last batch's
+        padding (transformers repeats its loss eval_batch_size times) is cut to the samples there are."""
+        gathered = gather_over_data_parallel(data) if dp_size() > 1 else data
         state = self.accelerator.gradient_state
         if state.end_of_dataloader and state.remainder > 0:
             gathered = truncate_to(gathered, state.remainder)
