@@ -9,8 +9,9 @@ data sharding by data-parallel rank, optimizer and checkpoints. TRL prepares the
 completion-only labels, packing) exactly as it does for a transformers model; the loss is the causal-LM loss
 TRL's SFT computes (masked tokens excluded), so per-step losses equal TRL's on the HF model.
 
-TRL is an optional dependency, imported only here. DPO and GRPO are not provided yet: their losses need the
-reference / policy log-probabilities of each micro-batch inside megatron's pipeline schedule.
+TRL is an optional dependency, imported only here. At tp = pp = 1 TRL's own DPOTrainer and GRPOTrainer run on
+the model (tested equal to TRL on the HF model); for tp / pp > 1 they are not provided yet: their losses need the
+policy and reference log-probabilities of each micro-batch inside megatron's pipeline schedule.
 """
 
 from __future__ import annotations

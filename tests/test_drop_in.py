@@ -168,3 +168,22 @@ def test_trl_sft_matches_trl_on_transformers(sft_runs, kind, run):
     trained = AutoModelForCausalLM.from_pretrained(oracle, dtype=torch.float32)(input_ids=ids, labels=ids).loss
     reloaded = AutoModelForCausalLM.from_pretrained(ours, dtype=torch.float32)(input_ids=ids, labels=ids).loss
     assert reloaded.item() == pytest.approx(trained.item(), rel=1e-5)
+
+
+# ---- TRL's DPO and GRPO (tp = pp = 1, TRL's own trainers) -------------------------------------------
+@pytest.mark.parametrize("script", ["dpo", "grpo"])
+def test_trl_dpo_and_grpo_match_trl_on_transformers(script, tmp_path):
+    """DPO with a reference model, GRPO generating through `generate` mid-training: every logged number of every
+    step (loss, rewards, KL, grad norm) equals TRL on the HF model."""
+    path = os.path.join(ROOT, "examples", "drop_in", f"{script}.py")
+    logs = {}
+    for run in ("hf", "tp1"):
+        out = str(tmp_path / run)
+        os.makedirs(out)
+        _run(path, run, [DEMO, out], out)
+        with open(os.path.join(out, "logs.json")) as f:
+            logs[run] = json.load(f)
+    assert len(logs["tp1"]) == 3 and [sorted(step) for step in logs["tp1"]] == [sorted(step) for step in logs["hf"]]
+    for ours, expected in zip(logs["tp1"], logs["hf"]):
+        for key, value in expected.items():
+            assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, ours, expected)

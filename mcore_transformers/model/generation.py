@@ -137,7 +137,8 @@ class MCoreGenerationMixin(GenerationMixin):
         the random state of the group's first rank (broadcast at the start), so a seed set there gives
         what transformers samples in one process. A `streamer` is fed on global rank 0 only. Under
         expert parallelism the replicas may generate different prompts (same batch shape) for different
-        lengths: `synced_gpus` defaults to True so every rank steps until all are done.
+        lengths: `synced_gpus` defaults to True so every rank steps until all are done. It runs in eval mode
+        (dropout off) and restores the training mode after, also when called mid-training (TRL's GRPO).
         """
         if not is_rank0():
             kwargs.pop("streamer", None)
@@ -146,11 +147,14 @@ class MCoreGenerationMixin(GenerationMixin):
             # each must keep stepping until every rank's sequences are done (HF's synced_gpus loop).
             kwargs["synced_gpus"] = True
         group = model_parallel_group()
+        was_training = self.training
+        self.eval()  # megatron's cached inference path is an eval-mode path (RL trainers generate mid-training)
         try:
             with sampling_in_lockstep(group):
                 output = super().generate(*args, **kwargs)
         finally:
             self._generate_cache = None
+            self.train(was_training)
         if not ranks_agree(output if isinstance(output, torch.Tensor) else output.sequences, group):
             raise GenerationError(
                 "The ranks of this model generated different token ids. Every rank of a model-parallel group must "
