@@ -29,7 +29,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -274,7 +274,7 @@ def check_speed(ckpt: dict, args) -> list[Row]:
             with torch.no_grad():
                 _timed(times[name], "forward", lambda: models[name](input_ids=ids).logits)
                 _timed(times[name], "generate", lambda: models[name].generate(ids[:1, :32], **gen_kwargs))
-    del models
+    models.clear()
     destroy_parallel_state()
     rows = []
     for what, label in (("load", "load (from_pretrained)"), ("forward", "forward 8×128"),

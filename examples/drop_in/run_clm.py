@@ -15,7 +15,6 @@ megatron-core, change only those two imports (tests/test_drop_in.py does exactly
 
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from itertools import chain

@@ -33,9 +33,12 @@ import math
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from ..errors import MCoreTransformersError
+
+if TYPE_CHECKING:
+    import torch
 
 # torch, transformers and megatron are imported inside the functions: importing this module (and the
 # package's public names with it) stays cheap for the command line's launcher process.
