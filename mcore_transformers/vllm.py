@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from .conversion.exporter import iter_hf_tensors
 from .errors import MCoreTransformersError
-from .runtime.parallel import is_rank0
+from .runtime.parallel import broadcast_from_rank0, is_rank0
 
 WORKER_EXTENSION = "mcore_transformers.vllm.WeightReceiver"
 ALIGN = 64  # byte alignment of each tensor inside a bucket (any dtype can be viewed at such an offset)
@@ -253,7 +253,7 @@ def update_weights(model, engine, *, bucket_bytes: Optional[int] = 512 * 2**20, 
     report = SyncReport(transport="", tensors=len(specs), bytes=sum(b.nbytes for b in buckets), buckets=len(buckets))
     if is_rank0():
         report.transport = _choose_transport(engine, transport)
-    report.transport = _broadcast(report.transport)
+    report.transport = broadcast_from_rank0(report.transport)
     _fail_everywhere(lambda: _check(engine, specs, model.config) if is_rank0() else None)
 
     stream = iter_hf_tensors(model._bound, model.shard_layout, plan, to="rank0")
@@ -285,7 +285,7 @@ def update_adapter(peft_model, engine, name: str = "default", lora_id: int = 1, 
     if (engine is not None) != is_rank0():
         raise WeightSyncError("update_adapter needs the engine on global rank 0 only, and None on the others.")
     if folder is None:
-        folder = _broadcast(tempfile.mkdtemp(prefix="mcore-adapter-") if is_rank0() else None)
+        folder = broadcast_from_rank0(tempfile.mkdtemp(prefix="mcore-adapter-") if is_rank0() else None)
     save_adapter(peft_model, folder, selected_adapters=[name])  # "default" into folder, another into folder/name
     request = None
     if is_rank0():
@@ -433,14 +433,6 @@ def _cast(stream, dtype) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor if dtype is None else tensor.to(dtype)
 
 
-def _broadcast(value):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
 def _fail_everywhere(step) -> None:
     """Run `step` (on rank 0) and raise its error on every rank, so that no rank waits for a transfer."""
     error = None
@@ -448,7 +440,7 @@ def _fail_everywhere(step) -> None:
         step()
     except Exception as err:  # noqa: BLE001 - re-raised below on every rank
         error = err if isinstance(err, WeightSyncError) else WeightSyncError(f"{type(err).__name__}: {err}")
-    error = _broadcast(error)
+    error = broadcast_from_rank0(error)
     if error is not None:
         raise error
 

@@ -116,6 +116,15 @@ def several_processes() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def broadcast_from_rank0(value):
+    """Rank 0's `value` (any picklable object) on every rank; the value itself in a world of one."""
+    if several_processes():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def barrier() -> None:
     """Wait for every process (nothing to wait for in a world of one)."""
     if several_processes():

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..runtime.parallel import broadcast_from_rank0
 from .compare import compare_folders
 from .launch import SCRATCH_ENV, STARTED_ENV, quiet_libraries
 
@@ -74,14 +75,6 @@ def step(number: int, name: str, text: str, seconds: float) -> None:
 def detail(text: str) -> None:
     for line in str(text).splitlines():
         say(INDENT + line)
-
-
-def _broadcast(value):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
 
 
 def _millions(n: int) -> str:
@@ -159,7 +152,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 source, how, temporary = _pick_model(args)
             except Exception as err:  # shared with the other ranks so that they stop too
                 source = err
-        source, how, temporary = _broadcast((source, how, temporary))
+        source, how, temporary = broadcast_from_rank0((source, how, temporary))
         if isinstance(source, Exception):
             raise source
         code = _tour(args, source, how, temporary is not None, output, start, began)
@@ -287,7 +280,7 @@ def _tour(args, source: str, how: str, temporary: bool, output: str, start: floa
         else:
             detail(f"logits:  DIFFER from the original model's (max |Δ| {(a - b).abs().max().item():.3e})")
             failures.append("reload logits")
-    failures = _broadcast(failures)  # also: every rank is past its last use of the source folder
+    failures = broadcast_from_rank0(failures)  # also: every rank is past its last use of the source folder
 
     elapsed = time.time() - began
     say()
