@@ -34,6 +34,10 @@ CHECKPOINTS = {
     "llama": ("llama", {}),
     # tied embeddings across pipeline stages; 251 rows do not split over tp=2 (mcore pads to 252)
     "qwen2-tied-v251": ("qwen2", {"vocab_size": 251, "tie_word_embeddings": True}),
+    # 3 KV heads at tp=2: 6 query groups, each HF KV head held twice (once on each rank for head 1); the
+    # copies must train as one head (training/kv_copies.py)
+    "llama-kv3": ("llama", {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}),
+    "phi3": ("phi3", {}),  # packed qkv / gate_up rows, longrope
 }
 
 # launch -> world size and its runs: (name, checkpoint, from_pretrained kwargs, dp, extra); extra: plain
@@ -51,6 +55,9 @@ LAUNCHES: dict[str, dict] = {
         ("tp2sp-tied", "qwen2-tied-v251", dict(tp=2, sequence_parallel=True), 1, {}),
         # transformers' torch AdamW on megatron's grad buffers instead of megatron-core's optimizer
         ("tp2-torch-optimizer", "llama", dict(tp=2), 1, {"trainer": {"megatron_optimizer": False}}),
+        ("tp2-kv3", "llama-kv3", dict(tp=2), 1, {}),
+        ("tp2-phi3", "phi3", dict(tp=2), 1, {}),
+        ("tp2-kv3-torch-optimizer", "llama-kv3", dict(tp=2), 1, {"trainer": {"megatron_optimizer": False}}),
         # load_best_model_at_end: the eval loss is lowest at step 2 (5.5277 vs 5.5311 at step 4), so
         # checkpoint-2's weights come back
         ("tp2-best", "llama", dict(tp=2), 1, {"args": {
@@ -70,7 +77,7 @@ LAUNCHES: dict[str, dict] = {
     ]),
     "tp2dp2": dict(world=4, runs=[
         ("tp2dp2", "llama", dict(tp=2), 2, {}),
-        ("tp2dp2-distopt", "llama", dict(tp=2), 2, {"trainer": {"distributed_optimizer": True}}),
+        ("tp2dp2-distopt-kv3", "llama-kv3", dict(tp=2), 2, {"trainer": {"distributed_optimizer": True}}),
     ]),
 }
 

@@ -71,23 +71,13 @@ def test_tp_not_dividing_heads_is_refused():
     assert_names(str(err.value), ("tp=3", "num_attention_heads=4"))
 
 
-def test_tp_not_dividing_kv_heads_is_refused():
-    with pytest.raises(errors.LayoutError) as err:
-        query_groups_for(num_heads=6, num_kv_heads=3, tp=2)
-    assert_names(str(err.value), ("tp=2", "num_key_value_heads=3"))
-
-
-def test_tp_that_cannot_replicate_kv_heads_evenly_is_refused():
-    with pytest.raises(errors.LayoutError) as err:
-        query_groups_for(num_heads=12, num_kv_heads=4, tp=6)
-    assert_names(str(err.value), ("tp=6", "num_key_value_heads=4"))
-
-
 @pytest.mark.parametrize(
     "heads, kv_heads, tp, groups",
-    [(4, 2, 1, 2), (4, 2, 2, 2), (4, 1, 2, 2), (8, 2, 4, 4), (4, 4, 2, 4), (8, 1, 8, 8)],
+    [(4, 2, 1, 2), (4, 2, 2, 2), (4, 1, 2, 2), (8, 2, 4, 4), (4, 4, 2, 4), (8, 1, 8, 8),
+     # tp neither divides the KV heads nor is a multiple of them: each KV head repeated to lcm(kv, tp) groups
+     (6, 3, 2, 6), (12, 4, 6, 12), (24, 6, 4, 12), (12, 3, 4, 12)],
 )
-def test_query_groups_split_or_replicate_kv_heads(heads, kv_heads, tp, groups):
+def test_query_groups_split_or_repeat_kv_heads(heads, kv_heads, tp, groups):
     assert query_groups_for(heads, kv_heads, tp) == groups
 
 
@@ -127,6 +117,20 @@ def test_unsupported_model_type_is_refused():
     with pytest.raises(errors.UnsupportedModelError) as err:
         get_architecture(GPT2Config())
     assert_names(str(err.value), ("gpt2", "supported", "llama"))
+
+
+@pytest.mark.parametrize("switch", ["resid_pdrop", "embd_pdrop"])
+def test_unimplemented_family_switch_is_refused_by_name(switch):
+    with pytest.raises(errors.UnsupportedModelError) as err:
+        get_architecture(tiny_config("phi3", **{switch: 0.1})).transformer_config()
+    assert_names(str(err.value), (f"{switch}=0.1", "0.0"))
+
+
+def test_longrope_switches_to_its_long_factors_past_the_original_length():
+    arch = get_architecture(tiny_config("phi3"))  # original_max_position_embeddings = 8
+    length, long = arch.long_rope()
+    assert length == 8 and not long.allclose(arch.rope())
+    assert get_architecture(tiny_config("llama")).long_rope() is None
 
 
 def test_missing_shard_is_named(checkpoint_root):

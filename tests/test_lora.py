@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_lora_worker import (  # noqa: E402
-    ADAPTERS, ALL, CASES, LAYOUTS, adapter_path, case_record, hf_logits, make_inputs, parametrize_cases, prepare,
+    ADAPTERS, CASES, LAYOUTS, adapter_path, case_record, hf_logits, make_inputs, parametrize_cases, prepare,
     read_safetensors,
 )
 import launching  # noqa: E402
@@ -111,7 +111,7 @@ def test_exported_adapter_follows_hf_and_vllm_format(case, lora_launch, lora_roo
     with open(os.path.join(folder, "adapter_config.json")) as f:
         config = json.load(f)
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
-    assert sorted(config["target_modules"]) == sorted(ALL)
+    assert sorted(config["target_modules"]) == sorted(ADAPTERS[case.adapter]["target_modules"])
     assert config["base_model_name_or_path"] == os.path.join(lora_root, case.checkpoint)
     assert (config["r"], config["lora_alpha"]) == (4, 8)
     # vLLM's rules: no modules_to_save, no DoRA, bias "none".
@@ -119,9 +119,9 @@ def test_exported_adapter_follows_hf_and_vllm_format(case, lora_launch, lora_roo
 
     hf = hf_base(lora_root, case.checkpoint)
     tensors = read_safetensors(folder)
-    expected = {}
+    expected, targets = {}, ADAPTERS[case.adapter]["target_modules"]
     for name, module in hf.named_modules():
-        if name.rsplit(".", 1)[-1] in ALL:
+        if name.rsplit(".", 1)[-1] in targets:
             expected[f"base_model.model.{name}.lora_A.weight"] = (4, module.in_features)
             expected[f"base_model.model.{name}.lora_B.weight"] = (module.out_features, 4)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected

@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (registration)
     mistral,
     mixtral,
     olmoe,
+    phi3,
     qwen2,
     qwen2_moe,
     qwen3,

@@ -60,8 +60,9 @@ TE_FUSED_NORM_NAMES = {
     "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
 }
 
-# Rope types whose frequencies depend only on the config (not on the running sequence length).
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "proportional", "yarn")
+# Rope types whose frequencies depend only on the config (not on the running sequence length), and longrope,
+# whose two sets of frequencies `long_rope` gives.
+ROPE_TYPES = ("default", "linear", "llama3", "proportional", "yarn", "longrope")
 
 
 class DecoderArchitecture:
@@ -152,6 +153,19 @@ class DecoderArchitecture:
         """Rotary inverse frequencies exactly as transformers computes them for this config."""
         return self._rope()[0]
 
+    def long_rope(self) -> Optional[tuple[int, torch.Tensor]]:
+        """(length, inverse frequencies) that replace `rope()` in a forward whose positions reach past `length`:
+        longrope's long factors past original_max_position_embeddings, chosen per forward call from its largest
+        position, as transformers does. None: one set of frequencies for every length."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = getattr(self.hf, "rope_parameters", None) or {}
+        if params.get("rope_type") != "longrope":
+            return None
+        length = params.get("original_max_position_embeddings") or self.hf.original_max_position_embeddings
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](self.hf, torch.device("cpu"), seq_len=length + 1)
+        return int(length), inv_freq
+
     def softmax_scale(self) -> Optional[float]:
         """The attention score scale, when the rope changes it (None: 1/sqrt(head_dim)).
 
@@ -166,9 +180,9 @@ class DecoderArchitecture:
 
         params = getattr(self.hf, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
-        if rope_type not in STATIC_ROPE_TYPES:
+        if rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(
-                f"rope_type={rope_type!r} is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})."
+                f"rope_type={rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})."
             )
         if rope_type == "default":
             base = params.get("rope_theta", getattr(self.hf, "rope_theta", 10000.0))

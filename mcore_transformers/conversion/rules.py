@@ -194,8 +194,12 @@ class FusedQKV(Rule):
     def __init__(self, mcore: str, q: str, k: str, v: str):
         super().__init__(mcore, (q, k, v), 0)
 
+    def _where(self, hf_names, layout) -> tuple[tuple[str, int], ...]:
+        """(HF tensor, first row) of the q, k and v rows."""
+        return tuple((name, 0) for name in hf_names)
+
     def load(self, source, hf_names, layout):
-        q_name, k_name, v_name = hf_names
+        (q_name, q_at), (k_name, k_at), (v_name, v_at) = self._where(hf_names, layout)
         d = layout.head_dim
         q_per_group = layout.num_attention_heads // layout.num_query_groups
         first, stop = _range(layout.num_query_groups, layout)
@@ -203,9 +207,9 @@ class FusedQKV(Rule):
         for group in range(first, stop):
             kv = group // layout.kv_replication
             pieces += [
-                (q_name, group * q_per_group * d, (group + 1) * q_per_group * d),
-                (k_name, kv * d, (kv + 1) * d),
-                (v_name, kv * d, (kv + 1) * d),
+                (q_name, q_at + group * q_per_group * d, q_at + (group + 1) * q_per_group * d),
+                (k_name, k_at + kv * d, k_at + (kv + 1) * d),
+                (v_name, v_at + kv * d, v_at + (kv + 1) * d),
             ]
         return read_rows(source, pieces)
 
@@ -220,6 +224,21 @@ class FusedQKV(Rule):
         k = k[:: layout.kv_replication]
         v = v[:: layout.kv_replication]
         return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))
+
+
+class PackedQKV(FusedQKV):
+    """mcore `linear_qkv` ↔ one HF tensor holding every q row, then the k rows, then the v rows (Phi-3's
+    `qkv_proj`): each rank reads its groups' rows of it, export packs the three back."""
+
+    def __init__(self, mcore: str, qkv: str):
+        Rule.__init__(self, mcore, (qkv,), 0)
+
+    def _where(self, hf_names, layout):
+        q_rows, kv_rows = layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim
+        return (hf_names[0], 0), (hf_names[0], q_rows), (hf_names[0], q_rows + kv_rows)
+
+    def export(self, shards, layout):
+        return (torch.cat(super().export(shards, layout), 0),)
 
 
 class GateUpRows(Rule):

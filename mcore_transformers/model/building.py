@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,22 +62,12 @@ class BuiltModel:
 
 
 def query_groups_for(num_heads: int, num_kv_heads: int, tp: int) -> int:
-    """mcore query groups: the KV heads, replicated up to `tp` when there are fewer KV heads than ranks."""
+    """mcore query groups: the KV heads when tp divides them; otherwise each KV head repeated into the fewest
+    copies that make a group count tp divides (which the query heads divide too). Export folds the copies back
+    (`FusedQKV`), training keeps them equal (training/kv_copies.py)."""
     if num_heads % tp:
         raise LayoutError(f"tp={tp} does not divide num_attention_heads={num_heads}: choose a tp that divides it.")
-    if num_kv_heads >= tp:
-        if num_kv_heads % tp:
-            raise LayoutError(
-                f"tp={tp} does not divide num_key_value_heads={num_kv_heads}: choose a tp that divides it, "
-                f"or a multiple of it that divides num_attention_heads={num_heads}."
-            )
-        return num_kv_heads
-    if tp % num_kv_heads:
-        raise LayoutError(
-            f"tp={tp} is neither a divisor nor a multiple of num_key_value_heads={num_kv_heads}, so KV heads "
-            "cannot be split or replicated evenly."
-        )
-    return tp
+    return math.lcm(num_kv_heads, tp)  # divides num_heads: tp and the KV heads both do
 
 
 def check_model_fits(arch: DecoderArchitecture, layout: ParallelConfig) -> None:

@@ -86,6 +86,9 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         self._plan: Optional[list[PlannedTensor]] = None
         self._plan_dtype: Optional[torch.dtype] = None
         self.register_buffer("rotary_inv_freq", arch.rope(), persistent=False)
+        long_rope = arch.long_rope()
+        self.rotary_switch_length = long_rope[0] if long_rope is not None else None
+        self.register_buffer("rotary_inv_freq_long", long_rope[1] if long_rope is not None else None, persistent=False)
         # Full-vocabulary views, registered so that code looking for them among the model's modules finds them
         # (peft's "all-linear" excludes the head by identity). Not under transformers' names: peft targets
         # by name, and these are views, not layers it could adapt (LoRA targets are the decoder's linears).
@@ -257,6 +260,14 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         return model
 
     # ---- forward -------------------------------------------------------------------------------
+    def rotary_frequencies(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotary inverse frequencies of a forward over `positions`: the long set (longrope) once the largest
+        position reaches past the switch length, chosen on the device like transformers (no host sync)."""
+        if self.rotary_inv_freq_long is None:
+            return self.rotary_inv_freq
+        longer = positions.max().to(self.rotary_inv_freq.device) + 1 > self.rotary_switch_length
+        return torch.where(longer, self.rotary_inv_freq_long, self.rotary_inv_freq)
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -363,7 +374,7 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
             attention_mask=attention_mask_for(
                 attention_mask, batch, padded_seq, self.arch.sliding_window(), device, past=past, segments=packed
             ),
-            rotary=rotary_angles(rotary_positions, self.rotary_inv_freq),
+            rotary=rotary_angles(rotary_positions, self.rotary_frequencies(rotary_positions)),
             inference_context=cache.context if cache is not None else None,
             # Under sequence parallelism the output layer gathers the sequence itself: cut afterwards.
             keep=None if sequence_parallel else keep,

@@ -22,6 +22,11 @@ FAMILIES: dict[str, dict] = {
     "mistral": dict(sliding_window=7),
     "qwen2": dict(),
     "qwen3": dict(head_dim=24),  # head_dim != hidden / heads
+    # q/k/v and gate/up each one tensor; a window; longrope switching to its long factors past 8 positions (with
+    # the attention factor of 256 / 8); transformers' default pad id (32000) is past this vocabulary
+    "phi3": dict(sliding_window=7, pad_token_id=None, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=8,
+                 rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                               "long_factor": [2.0 + 0.5 * i for i in range(8)]}),
     # Mixtures of experts: 4 or 8 small experts, so ep=2 splits them and routing has real choices.
     "qwen3_moe": dict(head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
     "qwen2_moe": dict(  # one dense layer among the MoE layers; shared expert with its sigmoid gate

@@ -9,6 +9,8 @@ the learning-rate scheduler (transformers', on the inner optimizers' param group
 
 from __future__ import annotations
 
+import collections
+
 from typing import Optional
 
 import torch
@@ -110,7 +112,7 @@ class MegatronOptimizerForTrainer(torch.optim.Optimizer):
         for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                       "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
                       "_optimizer_load_state_dict_post_hooks"):
-            setattr(self, hooks, {})
+            setattr(self, hooks, collections.OrderedDict())  # torch's hook handles keep weak references
         for group in self.param_groups:
             group["weight_decay"] = group["weight_decay"] * group.get("wd_mult", 1.0)
         self._found_inf: Optional[bool] = None  # this step's gradients prepared; whether they overflowed
@@ -171,6 +173,8 @@ class MegatronOptimizerForTrainer(torch.optim.Optimizer):
         if not self.skipped:
             with megatron_optimizer_device():
                 self.megatron.step_with_ready_grads()
+            for hook in list(self._optimizer_step_post_hooks.values()):  # torch's Optimizer.step would run them
+                hook(self, (), {})
         self._found_inf = None
         if self.on_skip is not None:
             self.on_skip(self.skipped)

@@ -136,6 +136,7 @@ class PipelineStep:
         self.aux: Optional[RouterAuxLoss] = None
         self._record_router = False  # the aux loss from this forward's own router logits (one pass)
         self._router_mask: Optional[torch.Tensor] = None  # the running micro-batch's tokens, as routers see them
+        self.kv_copies = None  # replicated KV heads (kv_copies.KVHeadCopies); set by the trainer
 
     # -- the two functions the schedule calls -----------------------------------------------------
     def _forward_step(self, data_iterator, chunk_module, *, divisor: torch.Tensor):
@@ -152,7 +153,7 @@ class PipelineStep:
                 batch.get("attention_mask"), rows, seq, self.window, input_ids.device,
                 segments=packed_segments(batch.get("position_ids")) if batch.get("attention_mask") is None else None,
             ),
-            rotary=rotary_angles(positions, self.model.rotary_inv_freq),
+            rotary=rotary_angles(positions, self.model.rotary_frequencies(positions)),
         )
         # Past the first stage the schedule has already handed the received activations to the decoder.
         hidden = None if chunk.pre_process else chunk.decoder.input_tensor
@@ -205,7 +206,9 @@ class PipelineStep:
         if divisor is None:
             divisor = torch.ones((), dtype=torch.float32, device=batch["input_ids"].device)
         config = bare_chunk(chunks[0]).config
-        config.finalize_model_grads_func = _finalize_without_token_scaling if finalize_grads else None
+        config.finalize_model_grads_func = (
+            functools.partial(_finalize_without_token_scaling, kv_copies=self.kv_copies) if finalize_grads else None
+        )
         if self.layout.pp > 1 and dist.get_backend() == "gloo":
             # Batched p2p posts both directions between two pipeline ranks on one communicator; gloo
             # pairs same-peer messages by posting order, so at pp=2 the interleaved schedule would
@@ -267,7 +270,11 @@ def _loss_scale(config):
     return (lambda: float(scale(torch.ones(())))) if scale is not None else (lambda: 1.0)
 
 
-def _finalize_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
-    """finalize_model_grads with the losses already divided by the step's token count (not by mcore)."""
+def _finalize_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False, *,
+                                    kv_copies=None):
+    """finalize_model_grads with the losses already divided by the step's token count (not by mcore); replicated
+    KV heads' gradients merged first (kv_copies.py)."""
+    if kv_copies is not None:
+        kv_copies.merge_grads()
     finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
 

@@ -36,6 +36,7 @@ from transformers.trainer_utils import _is_peft_model
 from transformers.utils import logging
 
 from ..model.causal_lm import MCoreModelForCausalLM
+from ..model.router_aux import RouterAuxLoss, router_aux_loss_of
 from ..runtime.parallel import barrier
 from . import checkpoint as ckpt
 from . import optimizer as megatron_optimizer
@@ -57,7 +58,7 @@ from .grads import (
     swap_optimizer_params,
     wrap_chunks,
 )
-from ..model.router_aux import RouterAuxLoss, router_aux_loss_of
+from .kv_copies import KVHeadCopies
 from .step import IGNORE_INDEX, PipelineStep, count_valid_targets, shifted_targets
 
 logger = logging.get_logger(__name__)
@@ -170,6 +171,7 @@ class MCoreTrainer(Trainer):
         if not params:
             raise TrainingError("The model has no trainable parameters (every requires_grad is False).")
         ddp_chunks = wrap_chunks(mcore.chunks, fp32_grads=mixed, distributed_optimizer=self.distributed_optimizer)
+        self._step.kv_copies = KVHeadCopies.of(mcore.chunks, mcore.shard_layout)
         if self.uses_megatron_optimizer:
             self._training_module = TrainingModule(self.model, ddp_chunks, self._zero_megatron_grads)
             return self._training_module
@@ -196,11 +198,13 @@ class MCoreTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         state = self._training_state()
         if self.optimizer is not None:
+            self._sync_kv_copies_after_steps()
             return self.optimizer
         if not self.uses_megatron_optimizer:
             super().create_optimizer(self.model)
             if self._grads.masters:
                 swap_optimizer_params(self.optimizer, self._grads)
+            self._sync_kv_copies_after_steps()
             return self.optimizer
         decay = set(self.get_decay_parameter_names(self.model))
         no_decay = {id(p) for name, p in self.model.named_parameters() if name not in decay}
@@ -211,7 +215,16 @@ class MCoreTrainer(Trainer):
         if self.args.fp16:  # megatron's schedule runs backward on loss × the optimizer's dynamic scale
             self._mcore.chunks[0].config.grad_scale_func = self._megatron_optimizer.scale_loss
         self.optimizer = self._megatron_optimizer
+        self._sync_kv_copies_after_steps()
         return self.optimizer
+
+    def _sync_kv_copies_after_steps(self) -> None:
+        """After every optimizer step (and after fp32 masters are copied back) replicated KV heads take their first
+        copy's values (kv_copies.py)."""
+        copies = self._step.kv_copies
+        if copies is not None and getattr(self.optimizer, "_mcore_kv_sync", None) is not copies:
+            self.optimizer.register_step_post_hook(lambda *_: copies.sync_weights())
+            self.optimizer._mcore_kv_sync = copies
 
     def _report_skipped_step(self, skipped: bool) -> None:
         # transformers holds the scheduler when accelerate says the step was skipped (fp16 overflow).
