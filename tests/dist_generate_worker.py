@@ -34,6 +34,8 @@ CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tools.
     # 3 KV heads: tp=2 repeats each into 2 query groups (6 in all), the cache holds the copies
     "qwen2-kv3": ("qwen2", {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}),
     "phi3": ("phi3", {}),  # packed qkv / gate_up, window 7, longrope: long factors once positions pass 8
+    "smollm3": ("smollm3", {}),  # no rotary and a window of 5 on every second layer (megatron's own attention forward)
+    "ernie4_5": ("ernie4_5", {}),  # interleaved rotary, biases everywhere
     "qwen3_moe": ("qwen3_moe", {}),  # routed experts
     "deepseek_v3": ("deepseek_v3", {}),  # multi-latent attention, shared experts
     "gpt_oss": ("gpt_oss", {}),  # attention sinks, alternating sliding windows, expert biases
@@ -54,6 +56,8 @@ CASES: dict[str, tuple] = {
     "greedy-padded-kv3": ("qwen2-kv3", "padded", dict(max_new_tokens=24), False),
     "greedy-single-phi3": ("phi3", "single", dict(max_new_tokens=24), False),  # 7 prompt tokens: short, then long
     "greedy-padded-phi3": ("phi3", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-smollm3": ("smollm3", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-ernie4_5": ("ernie4_5", "padded", dict(max_new_tokens=24), False),
     "beam": ("llama", "padded", dict(max_new_tokens=12, num_beams=3, num_return_sequences=2), False),
     "beam-sample": ("llama", "padded", dict(max_new_tokens=10, num_beams=2, **SAMPLING), True),
     "sample": ("llama", "padded", dict(max_new_tokens=16, num_return_sequences=2, **SAMPLING), True),

@@ -39,6 +39,13 @@ CHECKPOINTS: dict[str, tuple[str, dict, str]] = {
     "mixtral-stacked": ("mixtral", {"stacked_experts": True}, ""),
     # multi-token-prediction tensors transformers does not use: they must survive a save untouched
     "deepseek_v3-mtp": ("deepseek_v3", {"num_nextn_predict_layers": 1}, "mtp"),
+    # Kimi K2's shape: a deepseek_v3 checkpoint with one expert group (no group limit), 8 experts per token, its
+    # routed scaling factor and YaRN factor 32
+    "deepseek_v3-kimi_k2": ("deepseek_v3", {
+        "n_routed_experts": 16, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.827,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64, "beta_fast": 1.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    }, ""),
     # bad inputs
     "qwen3_moe-experts3": ("qwen3_moe", {"num_experts": 3}, ""),
     "qwen3_moe-missing-expert": ("qwen3_moe", {}, "drop:model.layers.2.mlp.experts.3.up_proj.weight"),
@@ -47,11 +54,11 @@ CHECKPOINTS: dict[str, tuple[str, dict, str]] = {
 
 _EVERY = [*FAMILIES]
 PARITY: dict[str, list[str]] = {
-    "single": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp"],
-    "ep2": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp"],
+    "single": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2"],
+    "ep2": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2"],
     "tp2sp": [f for f in _EVERY if f != "gpt_oss"] + ["mixtral-stacked"],  # expert biases need etp=1
     "tp2ep2etp1": _EVERY + ["qwen3_moe-stacked"],
-    "pp2": _EVERY + ["deepseek_v3-mtp"],
+    "pp2": _EVERY + ["deepseek_v3-mtp", "deepseek_v3-kimi_k2"],
 }
 
 # (case, layout, checkpoint, from_pretrained kwargs beyond the layout, error class, words in the message)

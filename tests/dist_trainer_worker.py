@@ -32,12 +32,15 @@ SEQ = 24
 # checkpoint name -> make_tiny_checkpoint overrides
 CHECKPOINTS = {
     "llama": ("llama", {}),
-    # tied embeddings across pipeline stages; 251 rows do not split over tp=2 (mcore pads to 252)
-    "qwen2-tied-v251": ("qwen2", {"vocab_size": 251, "tie_word_embeddings": True}),
+    # tied embeddings across pipeline stages; 251 rows do not split over tp=2 (mcore pads to 252); pad id 0, a
+    # token the data also uses: transformers' padding_idx row gets no gradient from lookups (the tied head's only)
+    "qwen2-tied-v251": ("qwen2", {"vocab_size": 251, "tie_word_embeddings": True, "pad_token_id": 0}),
     # 3 KV heads at tp=2: 6 query groups, each HF KV head held twice (once on each rank for head 1); the
     # copies must train as one head (training/kv_copies.py)
     "llama-kv3": ("llama", {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}),
     "phi3": ("phi3", {}),  # packed qkv / gate_up rows, longrope
+    "smollm3": ("smollm3", {}),  # rotary skipped on every second layer, tied embeddings
+    "ernie4_5": ("ernie4_5", {}),  # interleaved rotary, biases on every linear
 }
 
 # launch -> world size and its runs: (name, checkpoint, from_pretrained kwargs, dp, extra); extra: plain
@@ -57,6 +60,7 @@ LAUNCHES: dict[str, dict] = {
         ("tp2-torch-optimizer", "llama", dict(tp=2), 1, {"trainer": {"megatron_optimizer": False}}),
         ("tp2-kv3", "llama-kv3", dict(tp=2), 1, {}),
         ("tp2-phi3", "phi3", dict(tp=2), 1, {}),
+        ("tp2-ernie4_5", "ernie4_5", dict(tp=2), 1, {}),
         ("tp2-kv3-torch-optimizer", "llama-kv3", dict(tp=2), 1, {"trainer": {"megatron_optimizer": False}}),
         # load_best_model_at_end: the eval loss is lowest at step 2 (5.5277 vs 5.5311 at step 4), so
         # checkpoint-2's weights come back
@@ -74,6 +78,7 @@ LAUNCHES: dict[str, dict] = {
         ("pp2-tied", "qwen2-tied-v251", dict(pp=2), 1, {}),
         ("pp2-recompute", "llama", dict(pp=2), 1, {"args": {"gradient_checkpointing": True}}),
         ("pp2vpp2", "llama", dict(pp=2, vpp=2), 1, {}),
+        ("pp2-smollm3", "smollm3", dict(pp=2), 1, {}),
     ]),
     "tp2dp2": dict(world=4, runs=[
         ("tp2dp2", "llama", dict(tp=2), 2, {}),

@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (registration)
     deepseek_v3,
+    ernie4_5,
     gpt_oss,
     llama,
     mistral,
@@ -12,6 +13,7 @@ from . import (  # noqa: F401  (registration)
     qwen2_moe,
     qwen3,
     qwen3_moe,
+    smollm3,
 )
 from .base import ARCHITECTURES, DecoderArchitecture, get_architecture, register
 

@@ -112,9 +112,20 @@ class DecoderArchitecture:
         False: after (Llama and most others)."""
         return False
 
+    def rotary_interleaved(self) -> bool:
+        """True: rotary pairs adjacent elements (GLM style: x[0::2], x[1::2]); False: the two halves of the head."""
+        return False
+
     def sliding_window(self) -> Optional[int]:
         """Attention window (keys within this distance are visible), or None for full causal attention."""
         return None
+
+    def layer_windows(self, sliding: list[bool]) -> dict:
+        """TransformerConfig kwargs for a sliding window of `sliding_window` keys on the layers marked True
+        (transformers' `layer_types`); none when no layer has one."""
+        if not any(sliding):
+            return {}
+        return dict(window_size=(self.hf.sliding_window - 1, 0), window_attn_skip_freq=[int(s) for s in sliding])
 
     def transformer_config(self) -> dict:
         """TransformerConfig kwargs describing the model (the layout and dtype are added by the builder)."""
@@ -135,6 +146,7 @@ class DecoderArchitecture:
             add_bias_linear=self.linear_bias(),
             add_qkv_bias=self.qkv_bias() or self.linear_bias(),
             qk_layernorm=self.qk_layernorm(),
+            rotary_interleaved=self.rotary_interleaved(),
             softmax_scale=self.softmax_scale(),
             hidden_dropout=0.0,  # transformers' decoder families have no residual dropout
             attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),  # on the attention probabilities

@@ -48,15 +48,13 @@ class GptOss(MoEDecoder):
             )
         if abs(getattr(hf, "swiglu_alpha", 1.702) - 1.702) > 1e-6:
             raise UnsupportedModelError(f"swiglu_alpha={hf.swiglu_alpha}: megatron's quick_gelu has 1.702 built in.")
-        windows = [int(kind == "sliding_attention") for kind in hf.layer_types]
         config = super().transformer_config()
         config.update(
             activation_func=quick_gelu,
             glu_linear_offset=1.0,
             activation_func_clamp_value=hf.swiglu_limit,
             softmax_type="learnable",
-            window_size=(hf.sliding_window - 1, 0) if any(windows) else None,
-            window_attn_skip_freq=windows if any(windows) else None,
+            **self.layer_windows([kind == "sliding_attention" for kind in hf.layer_types]),
         )
         return config
 

@@ -46,6 +46,7 @@ from .layers import (
     TransformersRMSNorm,
     TransformersRMSNormWeightInFloat32,
 )
+from .padding_row import freeze_pad_row_lookups
 from ..runtime.cpu import bridge_missing_transformer_engine
 from ..runtime.parallel import ParallelConfig
 
@@ -323,6 +324,7 @@ def build_model(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.
                 )
             )
     mark_tensor_parallel_weights(chunks)
+    freeze_pad_row_lookups(chunks, getattr(arch.hf, "pad_token_id", None), vocab, layout.sequence_parallel)
     shard_layout = ShardLayout(
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=tp,

@@ -374,7 +374,7 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
             attention_mask=attention_mask_for(
                 attention_mask, batch, padded_seq, self.arch.sliding_window(), device, past=past, segments=packed
             ),
-            rotary=rotary_angles(rotary_positions, self.rotary_frequencies(rotary_positions)),
+            rotary=rotary_angles(rotary_positions, self.rotary_frequencies(rotary_positions), self.arch.rotary_interleaved()),
             inference_context=cache.context if cache is not None else None,
             # Under sequence parallelism the output layer gathers the sequence itself: cut afterwards.
             keep=None if sequence_parallel else keep,

@@ -67,10 +67,12 @@ def packed_segments(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tens
     return None if bool((segments[:, -1] == 0).all()) else segments
 
 
-def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """[b, s] positions → [s, b, 1, d] angles, computed in fp32 as transformers does."""
+def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """[b, s] positions → [s, b, 1, d] angles, computed in fp32 as transformers does: each frequency for both
+    halves of the head (rotate_half), or for both elements of a pair when the rotary is interleaved (GLM style,
+    megatron's `rotary_interleaved`)."""
     freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)
-    angles = torch.cat((freqs, freqs), dim=-1)
+    angles = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     return angles.transpose(0, 1).unsqueeze(2)
 
 

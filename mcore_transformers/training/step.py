@@ -153,7 +153,7 @@ class PipelineStep:
                 batch.get("attention_mask"), rows, seq, self.window, input_ids.device,
                 segments=packed_segments(batch.get("position_ids")) if batch.get("attention_mask") is None else None,
             ),
-            rotary=rotary_angles(positions, self.model.rotary_frequencies(positions)),
+            rotary=rotary_angles(positions, self.model.rotary_frequencies(positions), self.model.arch.rotary_interleaved()),
         )
         # Past the first stage the schedule has already handed the received activations to the decoder.
         hidden = None if chunk.pre_process else chunk.decoder.input_tensor
