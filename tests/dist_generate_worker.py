@@ -36,6 +36,7 @@ CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tools.
     "phi3": ("phi3", {}),  # packed qkv / gate_up, window 7, longrope: long factors once positions pass 8
     "smollm3": ("smollm3", {}),  # no rotary and a window of 5 on every second layer (megatron's own attention forward)
     "ernie4_5": ("ernie4_5", {}),  # interleaved rotary, biases everywhere
+    "glm4": ("glm4", {}),  # post-sublayer norms, interleaved rotary on half of each head
     "qwen3_moe": ("qwen3_moe", {}),  # routed experts
     "deepseek_v3": ("deepseek_v3", {}),  # multi-latent attention, shared experts
     "gpt_oss": ("gpt_oss", {}),  # attention sinks, alternating sliding windows, expert biases
@@ -58,6 +59,7 @@ CASES: dict[str, tuple] = {
     "greedy-padded-phi3": ("phi3", "padded", dict(max_new_tokens=24), False),
     "greedy-padded-smollm3": ("smollm3", "padded", dict(max_new_tokens=24), False),
     "greedy-padded-ernie4_5": ("ernie4_5", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-glm4": ("glm4", "padded", dict(max_new_tokens=24), False),
     "beam": ("llama", "padded", dict(max_new_tokens=12, num_beams=3, num_return_sequences=2), False),
     "beam-sample": ("llama", "padded", dict(max_new_tokens=10, num_beams=2, **SAMPLING), True),
     "sample": ("llama", "padded", dict(max_new_tokens=16, num_return_sequences=2, **SAMPLING), True),

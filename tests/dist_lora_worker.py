@@ -33,6 +33,7 @@ CHECKPOINTS = {
     "qwen2-kv1": ("qwen2", {"num_key_value_heads": 1}),
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {}),  # q/k/v in one HF linear (qkv_proj), gate/up in one (gate_up_proj)
+    "glm4": ("glm4", {}),  # o_proj and down_proj feed post-sublayer norms; gate_up_proj
 }
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # HF-made adapters, random A and B (init_lora_weights=False), so q, k and v have distinct A.
@@ -42,7 +43,9 @@ ADAPTERS = {
     "rslora": dict(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
                    rank_pattern={"down_proj": 2}),
     "phi3": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    "glm4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]),
 }
+FAMILY_ADAPTERS = ("phi3", "glm4")  # made for the family of that name only; the others for the Llama-named families
 # An adapter made on another base (hidden 96) for the shape-mismatch case.
 OTHER_BASE = ("llama", {"hidden_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2})
 
@@ -86,6 +89,9 @@ CASES = [
     Case("export", "phi3", "tp2", "phi3"),
     Case("merge", "phi3", "tp2", "phi3"),
     Case("grads", "phi3", "tp2", "phi3"),
+    Case("hf-logits", "glm4", "tp2", "glm4"),
+    Case("merge", "glm4", "tp2", "glm4"),
+    Case("grads", "glm4", "tp2", "glm4"),
     Case("hf-logits", "qwen2-kv1", "pp2", "rslora"),
     # mcore-made adapter -> HF PEFT folder
     Case("export", "llama", "tp1"),
@@ -163,7 +169,8 @@ def prepare(root: str) -> None:
             make_tiny_checkpoint(folder, model_type, **overrides)
         for number, (adapter, kwargs) in enumerate(ADAPTERS.items()):
             target = adapter_path(root, name, adapter)
-            if os.path.exists(os.path.join(target, "adapter_config.json")) or (adapter == "phi3") != (model_type == "phi3"):
+            mine = adapter == model_type if adapter in FAMILY_ADAPTERS or model_type in FAMILY_ADAPTERS else True
+            if os.path.exists(os.path.join(target, "adapter_config.json")) or not mine:
                 continue  # made already, or its target names are not this family's
             base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
             torch.manual_seed(100 + number)

@@ -41,6 +41,7 @@ CHECKPOINTS = {
     "phi3": ("phi3", {}),  # packed qkv / gate_up rows, longrope
     "smollm3": ("smollm3", {}),  # rotary skipped on every second layer, tied embeddings
     "ernie4_5": ("ernie4_5", {}),  # interleaved rotary, biases on every linear
+    "glm4": ("glm4", {}),  # post-sublayer norms (sequence-parallel: their gradients summed over tp)
 }
 
 # launch -> world size and its runs: (name, checkpoint, from_pretrained kwargs, dp, extra); extra: plain
@@ -61,6 +62,7 @@ LAUNCHES: dict[str, dict] = {
         ("tp2-kv3", "llama-kv3", dict(tp=2), 1, {}),
         ("tp2-phi3", "phi3", dict(tp=2), 1, {}),
         ("tp2-ernie4_5", "ernie4_5", dict(tp=2), 1, {}),
+        ("tp2sp-glm4", "glm4", dict(tp=2, sequence_parallel=True), 1, {}),
         ("tp2-kv3-torch-optimizer", "llama-kv3", dict(tp=2), 1, {"trainer": {"megatron_optimizer": False}}),
         # load_best_model_at_end: the eval loss is lowest at step 2 (5.5277 vs 5.5311 at step 4), so
         # checkpoint-2's weights come back

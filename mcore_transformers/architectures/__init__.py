@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (registration)
     deepseek_v3,
     ernie4_5,
+    glm4,
     gpt_oss,
     llama,
     mistral,

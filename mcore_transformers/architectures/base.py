@@ -112,6 +112,11 @@ class DecoderArchitecture:
         False: after (Llama and most others)."""
         return False
 
+    def post_sublayer_norms(self) -> bool:
+        """True: the outputs of attention and of the MLP are normalised before the residual add (GLM-4); their
+        norms are `self_attention.linear_proj.post_norm` and `mlp.linear_fc2.post_norm`."""
+        return False
+
     def rotary_interleaved(self) -> bool:
         """True: rotary pairs adjacent elements (GLM style: x[0::2], x[1::2]); False: the two halves of the head."""
         return False

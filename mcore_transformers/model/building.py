@@ -45,6 +45,7 @@ from .layers import (
     QueryProjectionRMSNorm,
     TransformersRMSNorm,
     TransformersRMSNormWeightInFloat32,
+    with_post_norm,
 )
 from .padding_row import freeze_pad_row_lookups
 from ..runtime.cpu import bridge_missing_transformer_engine
@@ -200,7 +201,9 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
     """The layer specs of one chunk: one spec for every layer of a plain GQA decoder, else per layer."""
     plain = not config.num_moe_experts and not config.multi_latent_attention and not arch.qk_norm_over_heads()
     if plain and use_te:
-        return _layer_spec(config, use_te)  # (TE's fused norms: nothing to swap)
+        spec = _layer_spec(config, use_te)  # (TE's fused norms: nothing to swap)
+        _add_post_norms([spec], arch, TransformersRMSNorm)
+        return spec
     if plain:
         layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
         block = TransformerBlockSubmodules(layer_specs=[_layer_spec(config, use_te)] * layers, layer_norm=LayerNormImpl)
@@ -219,7 +222,21 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
         for spec in {id(spec): spec for spec in block.layer_specs}.values():
             for megatron_norm in {WrappedTorchNorm, LayerNormImpl}:
                 _replace_module(spec, megatron_norm, norm)
+    _add_post_norms(block.layer_specs, arch, TransformersRMSNorm)
     return block
+
+
+def _add_post_norms(specs, arch: DecoderArchitecture, norm: type) -> None:
+    """Families that normalise each sublayer's output (GLM-4): attention's linear_proj and the dense MLP's
+    linear_fc2 end in an RMSNorm (`layers.with_post_norm`)."""
+    if not arch.post_sublayer_norms():
+        return
+    for spec in {id(spec): spec for spec in specs}.values():
+        attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+        if not hasattr(mlp, "linear_fc2"):
+            raise LayoutError("Post-sublayer norms on a mixture-of-experts layer are not supported.")
+        attention.linear_proj = with_post_norm(attention.linear_proj, norm)
+        mlp.linear_fc2 = with_post_norm(mlp.linear_fc2, norm)
 
 
 def _customise_attention(attention: ModuleSpec, config: TransformerConfig, use_te: bool, arch: DecoderArchitecture):

@@ -131,3 +131,27 @@ class TransformersRMSNorm(torch.nn.Module):
 
 class TransformersRMSNormWeightInFloat32(TransformersRMSNorm):
     weight_in_float32 = True
+
+
+def with_post_norm(linear_class: type, norm_class: type) -> type:
+    """`linear_class` (a row-parallel linear: attention's linear_proj, the MLP's linear_fc2) whose output, bias
+    added, goes through an RMSNorm (`post_norm`) before the residual add: GLM-4 normalises each sublayer's output
+    (`post_self_attn_layernorm`, `post_mlp_layernorm`). The norm acts on each token, so a sequence-parallel shard of
+    the output is normalised as it is. The norm runs as a forward hook, so whatever computes the linear's output
+    (its own forward, or a LoRA host that replaces it) is normalised."""
+
+    class PostNormed(linear_class):
+        def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
+            super().__init__(input_size, output_size, config=config, **kwargs)
+            self.post_norm = norm_class(config, output_size, eps=config.layernorm_epsilon)
+            self.register_forward_hook(_normalise_output)
+
+    PostNormed.__name__ = PostNormed.__qualname__ = f"PostNormed{linear_class.__name__}"
+    return PostNormed
+
+
+def _normalise_output(linear, args, result):
+    output, bias = result
+    if bias is not None:
+        output = output + bias
+    return linear.post_norm(output), None
