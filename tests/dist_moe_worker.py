@@ -72,14 +72,16 @@ ERRORS = [
 ]
 
 
-def build_checkpoints(root: str) -> None:
-    """Write every tiny checkpoint of CHECKPOINTS under `root` (transformers' save_pretrained)."""
+def build_checkpoints(root: str, names=None) -> None:
+    """Write the tiny checkpoints of CHECKPOINTS (all, or `names`) under `root` (transformers' save_pretrained)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from mcore_transformers.tools.tiny import make_tiny_checkpoint
 
     for name, (model_type, kwargs, extra) in CHECKPOINTS.items():
+        if names is not None and name not in names:
+            continue
         folder = os.path.join(root, name)
         if os.path.exists(os.path.join(folder, "config.json")):
             continue

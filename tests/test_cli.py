@@ -118,7 +118,7 @@ def test_cli_verify_exits_1_and_prints_the_table_on_mismatch(tiny_llama, capsys,
 
 def test_cli_convert_round_trip_is_bit_exact(tiny_llama, tmp_path, capsys):
     target = str(tmp_path / "converted")
-    assert main(["convert", tiny_llama, target, "--max-shard-size", "100KB"]) == 0
+    assert main(["convert", tiny_llama, target, "--to", "hf", "--max-shard-size", "100KB"]) == 0
     assert "bit-exact" in capsys.readouterr().out
     assert os.path.exists(os.path.join(target, "model.safetensors.index.json"))  # re-sharded as asked
     source, converted = safetensors_of(tiny_llama), safetensors_of(target)
@@ -132,7 +132,7 @@ def test_cli_convert_casts_and_records_the_dtype(tiny_llama, tmp_path, capsys):
     from transformers import AutoConfig
 
     target = str(tmp_path / "bf16")
-    assert main(["convert", tiny_llama, target, "--dtype", "bfloat16"]) == 0
+    assert main(["convert", tiny_llama, target, "--to", "hf", "--dtype", "bfloat16"]) == 0
     assert "after the cast to bfloat16" in capsys.readouterr().out
     source, converted = safetensors_of(tiny_llama), safetensors_of(target)
     assert all(torch.equal(source[k].to(torch.bfloat16), converted[k]) for k in source)

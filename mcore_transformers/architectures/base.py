@@ -254,12 +254,17 @@ class DecoderArchitecture:
     def mlp_rules(self) -> list[Rule]:
         return self.dense_mlp_rules()
 
+    def packed_gate_up(self) -> bool:
+        """HF keeps gate and up in one `gate_up_proj` (gate rows, then up rows): Phi-3, GLM-4."""
+        return False
+
     def dense_mlp_rules(self, hf_mlp: str = HF_LAYER + "mlp.") -> list[Rule]:
         mlp = LAYER + "mlp."
-        rules: list[Rule] = [
-            FusedGateUp(mlp + "linear_fc1.weight", hf_mlp + "gate_proj.weight", hf_mlp + "up_proj.weight"),
-            Row(mlp + "linear_fc2.weight", hf_mlp + "down_proj.weight"),
-        ]
+        if self.packed_gate_up():
+            fc1: Rule = GateUpRows(mlp + "linear_fc1.weight", hf_mlp + "gate_up_proj.weight")
+        else:
+            fc1 = FusedGateUp(mlp + "linear_fc1.weight", hf_mlp + "gate_proj.weight", hf_mlp + "up_proj.weight")
+        rules: list[Rule] = [fc1, Row(mlp + "linear_fc2.weight", hf_mlp + "down_proj.weight")]
         if self.linear_bias():
             rules += [
                 FusedGateUp(mlp + "linear_fc1.bias", hf_mlp + "gate_proj.bias", hf_mlp + "up_proj.bias"),

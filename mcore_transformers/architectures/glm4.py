@@ -2,7 +2,7 @@
 (`post_self_attn_layernorm`, `post_mlp_layernorm`), GLM-style interleaved rotary on part of each head
 (`partial_rotary_factor`, 0.5 by default), biases on q/k/v only, gate/up as one tensor (`gate_up_proj`)."""
 
-from ..conversion.rules import GateUpRows, Replicated, Row, Rule
+from ..conversion.rules import Replicated, Rule
 from .base import HF_LAYER, LAYER, DecoderArchitecture, register
 
 
@@ -28,9 +28,5 @@ class Glm4(DecoderArchitecture):
             Replicated(LAYER + "mlp.linear_fc2.post_norm.weight", HF_LAYER + "post_mlp_layernorm.weight"),
         ]
 
-    def dense_mlp_rules(self, hf_mlp: str = HF_LAYER + "mlp.") -> list[Rule]:
-        mlp = LAYER + "mlp."
-        return [
-            GateUpRows(mlp + "linear_fc1.weight", hf_mlp + "gate_up_proj.weight"),
-            Row(mlp + "linear_fc2.weight", hf_mlp + "down_proj.weight"),
-        ]
+    def packed_gate_up(self) -> bool:
+        return True

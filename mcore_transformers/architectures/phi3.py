@@ -4,7 +4,7 @@ scaling (long factors past original_max_position_embeddings, see `DecoderArchite
 
 from typing import Optional
 
-from ..conversion.rules import GateUpRows, PackedQKV, Row, Rule
+from ..conversion.rules import PackedQKV, Row, Rule
 from ..errors import UnsupportedModelError
 from .base import HF_LAYER, LAYER, DecoderArchitecture, register
 
@@ -32,9 +32,5 @@ class Phi3(DecoderArchitecture):
             Row(attn + "linear_proj.weight", hf_attn + "o_proj.weight"),
         ]
 
-    def dense_mlp_rules(self, hf_mlp: str = HF_LAYER + "mlp.") -> list[Rule]:
-        mlp = LAYER + "mlp."
-        return [
-            GateUpRows(mlp + "linear_fc1.weight", hf_mlp + "gate_up_proj.weight"),
-            Row(mlp + "linear_fc2.weight", hf_mlp + "down_proj.weight"),
-        ]
+    def packed_gate_up(self) -> bool:
+        return True

@@ -20,6 +20,7 @@ from megatron.core import parallel_state as ps
 from transformers.utils import logging
 
 from ..errors import CheckpointError
+from . import distributed
 from .binding import BoundParam
 from .loader import expected_hf_shapes
 from .reader import CheckpointReader
@@ -200,6 +201,11 @@ class UnclaimedTensors:
         self.reader, self.names = None, []
         if not source_folder or not os.path.isdir(source_folder):
             return
+        if distributed.is_distributed_checkpoint(source_folder) and not distributed.has_hf_weights(source_folder, variant):
+            # A distributed checkpoint keeps the source's unclaimed tensors in a folder of their own.
+            source_folder, variant = distributed.unclaimed_folder(source_folder), None
+            if not os.path.isdir(source_folder):
+                return
         try:
             self.reader = CheckpointReader(source_folder, variant)
         except CheckpointError as err:  # the source is gone or unreadable: nothing to copy

@@ -83,12 +83,24 @@ def load_parameters(
                 f"{item.hf_names} produced a shard of shape {list(tensor.shape)} for {item.rule.mcore}, "
                 f"expected {list(old.shape)}."
             )
-        if item.is_buffer:
-            item.module._buffers[item.attr] = tensor
-            continue
-        new = nn.Parameter(tensor, requires_grad=old.requires_grad)
-        new.__dict__.update(old.__dict__)  # mcore's tensor_model_parallel / partition_dim / shared flags
-        item.module._parameters[item.attr] = new
+        _install(item, tensor)
+
+
+def materialise_empty(bound: Sequence[BoundParam], dtype: torch.dtype, device: torch.device) -> None:
+    """Replace each meta parameter with an uninitialised tensor of its shape (filled by a distributed load)."""
+    for item in bound:
+        old = item.param
+        _install(item, torch.empty(old.shape, dtype=old.dtype if item.is_buffer else dtype, device=device))
+
+
+def _install(item: BoundParam, tensor: torch.Tensor) -> None:
+    old = item.param
+    if item.is_buffer:
+        item.module._buffers[item.attr] = tensor
+        return
+    new = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    new.__dict__.update(old.__dict__)  # mcore's tensor_model_parallel / partition_dim / shared flags
+    item.module._parameters[item.attr] = new
 
 
 def check_materialised(chunks: Sequence[nn.Module]) -> None:

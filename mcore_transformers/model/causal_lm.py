@@ -14,12 +14,10 @@ from transformers.utils import logging
 
 from ..architectures import DecoderArchitecture, get_architecture
 from .building import build_model
-from ..conversion.binding import BoundParam, bind_parameters
+from ..conversion.binding import BoundParam
 from ..conversion.exporter import PlannedTensor, UnclaimedTensors
-from ..conversion.loader import check_checkpoint, check_materialised, load_parameters
-from ..conversion.reader import CheckpointReader
+from ..conversion.loader import check_materialised
 from ..conversion.rules import ShardLayout
-from ..architectures.base import TE_FUSED_NORM_NAMES
 from .forward import (
     ForwardInputs, attention_mask_for, broadcast_from_last_stage, forward_logits, packed_segments, rotary_angles,
 )
@@ -28,6 +26,7 @@ from .cache import MCoreKVCache
 from .export import HFExportMixin
 from .generation import MCoreGenerationMixin, cache_argument, with_cache
 from ..conversion.hub import resolve_checkpoint
+from .loading import load_weights
 from .hidden_states import Backbone, as_transformers_hidden_states, recording_hidden_states
 from .lockstep import model_parallel_group, ranks_agree
 from .pretrained_options import interpret, update_config
@@ -35,7 +34,7 @@ from .router_aux import recording_router_logits, router_aux_outputs
 from .recompute import disable_recompute, enable_recompute, recompute_enabled
 from .vocab import INPUT_EMBEDDINGS, VocabView, output_name, resize_vocabulary
 from ..peft.targets import attach as attach_lora_targets
-from ..runtime.parallel import DEFAULT_SEED, ParallelConfig, default_device, init_parallel_state, is_rank0
+from ..runtime.parallel import DEFAULT_SEED, ParallelConfig, default_device, init_parallel_state
 
 logger = logging.get_logger(__name__)
 
@@ -236,12 +235,7 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
 
         init_parallel_state(layout, seed=seed)
         built = build_model(arch, layout, dtype)
-        renames = TE_FUSED_NORM_NAMES if built.uses_transformer_engine else {}
-        with CheckpointReader(folder, options.variant) as reader:
-            # The checkpoint's names choose among a rule's layouts (per-expert or stacked experts).
-            bound = bind_parameters(built.chunks, arch.rules(), renames, available=reader)
-            check_checkpoint(bound, reader, built.shard_layout)
-            load_parameters(bound, reader, built.shard_layout, dtype, default_device(), show_progress=is_rank0() and logging.is_progress_bar_enabled())
+        bound = load_weights(folder, arch, built, dtype, default_device(), options.variant)
         check_materialised(built.chunks)
         model = cls(config, arch, built.chunks, built.shard_layout, layout, bound, source_folder=folder)
         model.source_variant = options.variant

@@ -18,9 +18,10 @@ from megatron.core import parallel_state as ps
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..conversion.config_file import config_changes
+from ..conversion import distributed
+from ..conversion.config_file import config_changes, rewrite_config
 from ..conversion.exporter import PlannedTensor, UnclaimedTensors, export_plan, iter_hf_tensors
-from ..conversion.writer import check_save_target, write_hf_folder
+from ..conversion.writer import check_save_target, copy_source_files, write_hf_folder
 from ..errors import MCoreTransformersError
 from ..runtime.parallel import is_rank0
 
@@ -140,3 +141,32 @@ class HFExportMixin:
                 pass
         if dist.is_initialized():
             dist.barrier()
+
+    def save_distributed_checkpoint(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Collective: write the weights as a megatron-core distributed checkpoint folder (each rank its own
+        shards, in parallel) with the source's config and tokenizer files, which `from_pretrained` loads at
+        any layout and `mcore-transformers convert` turns back into an HF folder (conversion/distributed.py).
+        """
+        plan = self.export_plan()
+        names = [name for entry in plan for name in (entry.stack.names if entry.stack else entry.names)]
+        unclaimed = UnclaimedTensors(self.source_folder, plan, self.source_variant) if is_rank0() else None
+        try:
+            distributed.save_distributed(
+                self, str(save_directory), names + (unclaimed.names if unclaimed else []),
+                lambda folder: self._write_non_weight_files(folder, unclaimed),
+            )
+        finally:
+            if unclaimed is not None:
+                unclaimed.close()
+
+    def _write_non_weight_files(self, folder: str, unclaimed: UnclaimedTensors) -> None:
+        """Rank 0, into a distributed checkpoint being written: config (dtype updated), tokenizer and
+        generation files, and the source tensors no rule claims (kept verbatim for the next HF save)."""
+        if "config.json" in copy_source_files(self.source_folder, folder):
+            rewrite_config(folder, config_changes(self.config, self.source_folder, self.dtype))
+        else:
+            self.config.save_pretrained(folder)
+        if unclaimed.names:
+            write_hf_folder(
+                distributed.unclaimed_folder(folder), unclaimed, unclaimed.specs, "5GB", None, lambda _: None
+            )

@@ -2,7 +2,8 @@
 
     mcore-transformers demo                          # the 2-process tour: load tp=2, verify, save, reload
     mcore-transformers verify PATH --tp 2            # HF-vs-mcore precision check; exit 1 past tolerance
-    mcore-transformers convert SRC DST --dtype bfloat16 --max-shard-size 2GB
+    mcore-transformers convert HF_DIR DIST_DIR --tp 2       # HF -> megatron-core distributed checkpoint
+    mcore-transformers convert DIST_DIR HF_DIR              # and back, at any layout
 
 Multi-process commands start their own local processes (`--nproc`, default: what the layout needs),
 so no launcher is needed on one machine. Under torchrun (WORLD_SIZE set) they join the running world
@@ -18,21 +19,14 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .compare import compare_folders
-from .launch import STARTED_ENV, STORE_ENV, is_rank0, run_distributed, say, under_launcher
+from .convert import add_convert_arguments
+from .launch import STARTED_ENV, STORE_ENV, run_distributed, say, under_launcher
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _layout_kwargs(args: argparse.Namespace) -> dict:
     return dict(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep)
-
-
-def _layout_text(layout) -> str:
-    text = f"tp={layout.tp} pp={layout.pp}"
-    text += f" vpp={layout.vpp}" if layout.vpp else ""
-    text += f" ep={layout.ep}" if layout.ep > 1 else ""
-    return text
 
 
 def _default_nproc(args: argparse.Namespace) -> int:
@@ -68,46 +62,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # ---- convert -------------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
-    import torch
+    from .convert import run_convert
 
-    from ..errors import MCoreTransformersError
-    from ..model.causal_lm import MCoreModelForCausalLM
-
-    if os.path.realpath(args.src) == os.path.realpath(args.dst):
-        return _user_error(ValueError(f"SRC and DST are the same folder ({args.src}): choose a new DST."))
-    try:
-        start = time.perf_counter()
-        model = MCoreModelForCausalLM.from_pretrained(
-            args.src, **_layout_kwargs(args), dtype=None if args.dtype == "auto" else args.dtype
-        )
-        loaded = time.perf_counter() - start
-        start = time.perf_counter()
-        model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
-        saved = time.perf_counter() - start
-    except (MCoreTransformersError, ValueError) as err:
-        return _user_error(err)
-
-    code = 0
-    if is_rank0():
-        dtype = str(model.dtype).replace("torch.", "")
-        files = sorted(f for f in os.listdir(args.dst) if f.endswith(".safetensors"))
-        size = sum(os.path.getsize(os.path.join(args.dst, f)) for f in files)
-        print(f"converted {args.src} -> {args.dst}: {model.num_parameters():,} parameters, {dtype}, "
-              f"{len(files)} safetensors file(s), {size / 2**20:.1f} MiB "
-              f"(load {loaded:.1f}s at {_layout_text(model.layout)}, save {saved:.1f}s)", flush=True)
-        if not args.no_check:
-            count, cast, problems = compare_folders(model.source_folder, args.dst, dtype=model.dtype)
-            if problems:
-                print(f"check FAILED: {'; '.join(problems)}", file=sys.stderr, flush=True)
-                code = 1
-            else:
-                how = f"bit-exact after the cast to {dtype}" if cast else "bit-exact"
-                print(f"check: all {count} tensors equal the source ({how})", flush=True)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        flag = [code]
-        torch.distributed.broadcast_object_list(flag, src=0)
-        code = flag[0]
-    return code
+    return run_convert(args)
 
 
 # ---- demo ----------------------------------------------------------------------------------------
@@ -160,19 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify, nproc_of=_default_nproc)
 
     convert = commands.add_parser(
-        "convert", help="load SRC into megatron-core and save it back as an HF folder (re-sharded, optionally cast)",
-        description="An HF -> mcore -> HF copy: the weights go through the same load and export paths as "
-                    "training and RL weight sync; config and tokenizer files are copied verbatim. "
-                    "Use it to re-shard, to cast (--dtype), or to check a checkpoint round-trips exactly.",
+        "convert", help="HF folder <-> megatron-core distributed checkpoint, at any layout (or re-shard / cast)",
+        description="The direction follows SRC: an HF folder (or Hub id) becomes a megatron-core distributed "
+                    "checkpoint, a distributed checkpoint becomes an HF folder; --to overrides it. Each rank reads "
+                    "only its own slices and writes only its own shards; the result is checked bit-exact.",
     )
-    convert.add_argument("src", help="HF model folder or Hub id")
-    convert.add_argument("dst", help="new folder to write")
     _add_layout(convert, sequence_parallel=False)
-    convert.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
-                         help="dtype of the saved weights (default: the checkpoint's)")
-    convert.add_argument("--max-shard-size", default="5GB", help="(default: %(default)s)")
-    convert.add_argument("--no-check", action="store_true",
-                         help="skip comparing every saved tensor with the source afterwards")
+    add_convert_arguments(convert)
     convert.set_defaults(func=cmd_convert, nproc_of=_default_nproc)
     return parser
 

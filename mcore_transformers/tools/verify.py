@@ -216,8 +216,8 @@ def verify(
     Collective under torchrun. Returns the report when every check passes; raises
     `VerificationError` (with the report) otherwise. `atol` / `loss_atol` replace the default
     logits / loss bounds (see the module docstring). Pass an already loaded `model`
-    (MCoreModelForCausalLM) to check it instead of loading `path` again (the layout arguments are
-    then read from it).
+    (MCoreModelForCausalLM) to check it against the HF folder `path` instead of loading `path` (the
+    layout arguments are then read from the model).
     """
     import torch
     import torch.distributed as dist
@@ -227,12 +227,14 @@ def verify(
 
     dtype = _dtype(dtype)
     timings: dict[str, float] = {}
+    reference = path  # a model passed in may come from elsewhere (e.g. a distributed checkpoint of `path`)
     if model is None:
         start = time.perf_counter()
         model = MCoreModelForCausalLM.from_pretrained(
             path, tp=tp, pp=pp, vpp=vpp, ep=ep, sequence_parallel=sequence_parallel, dtype=dtype
         )
         timings["load mcore"] = time.perf_counter() - start
+        reference = model.source_folder or path  # a Hub id, resolved
     elif model.dtype != dtype:
         raise ValueError(f"The model passed is {model.dtype}, but dtype={dtype} was asked for.")
     layout = model.layout
@@ -255,7 +257,7 @@ def verify(
     if is_rank0():
         try:
             result[0] = _compare_with_hf(
-                AutoModelForCausalLM, model.source_folder or path, dtype, input_ids, attention_mask, position_ids,
+                AutoModelForCausalLM, reference, dtype, input_ids, attention_mask, position_ids,
                 labels, mcore_logits, out.loss, timings,
             )
         except Exception as err:  # re-raised on every rank, so no rank waits forever

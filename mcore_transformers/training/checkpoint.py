@@ -36,18 +36,18 @@ import os
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import random as mcore_random
 
+from ..conversion import distributed
+from ..conversion.distributed import LAYOUT_FILE, STATE_DIR
 from ..runtime.parallel import barrier, global_rank, is_rank0, seed_parallel_rng
 from . import dist_checkpoint, reshard
 from .errors import TrainingError
 from .optimizer import MegatronOptimizerForTrainer
 
-STATE_DIR = "mcore_state"
-LAYOUT_FILE = "layout.json"
-FORMAT_VERSION = 3  # 2: hf_optimizer/ (layout-free optimizer state), etp; 3: optimizer kind, dist_ckpt/
+# format 2: hf_optimizer/ (layout-free optimizer state), etp; 3: optimizer kind, dist_ckpt/, query groups
+FORMAT_VERSION = distributed.LAYOUT_FORMAT_VERSION
 LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "etp")
 
 
@@ -67,18 +67,9 @@ def optimizer_classes(optimizer) -> list[str]:
 
 
 def describe_layout(model, optimizer=None) -> dict:
-    layout = model.layout
-    world = dist.get_world_size() if dist.is_initialized() else 1
     return {
-        "format_version": FORMAT_VERSION,
-        "tp": layout.tp,
-        "pp": layout.pp,
-        "vpp": layout.virtual_stages,
-        "ep": layout.ep,
-        "etp": layout.etp or layout.tp,
+        **distributed.layout_record(model),
         "dp": ps.get_data_parallel_world_size(),
-        "world_size": world,
-        "dtype": str(model.dtype).replace("torch.", ""),
         "optimizer": optimizer_kind(optimizer),
         "optimizer_classes": optimizer_classes(optimizer),
     }
@@ -96,7 +87,7 @@ def _rng_file(folder: str) -> str:
 
 
 def _dist_dir(folder: str) -> str:
-    return os.path.join(folder, STATE_DIR, dist_checkpoint.DIST_DIR)
+    return distributed.dist_dir(folder)
 
 
 def _layout_free_dir(folder: str) -> str:
@@ -158,6 +149,12 @@ def _saved_layout(folder: str) -> dict:
         )
     with open(os.path.join(folder, STATE_DIR, LAYOUT_FILE)) as f:
         saved = json.load(f)
+    if "optimizer" in saved and saved["optimizer"] is None:
+        raise TrainingError(
+            f"{folder} holds weights only (a distributed checkpoint written by `mcore-transformers convert` or "
+            "save_distributed_checkpoint), no training state to resume. To start from its weights, load it with "
+            "MCoreModelForCausalLM.from_pretrained and train without resume_from_checkpoint."
+        )
     saved.setdefault("etp", saved.get("tp"))  # format 1 did not record it: the default, tp
     saved.setdefault("optimizer", "torch")  # formats 1-2: transformers' optimizer only
     return saved
@@ -241,7 +238,7 @@ def load_model_state(folder: str, model, trained) -> None:
     """Copy the saved parameters into `trained` (the model, or its PEFT wrapper): this rank's file at the
     saved layout (bit-exact), else resharded (module docstring)."""
     if _saved_layout(folder)["optimizer"] != "torch":
-        dist_checkpoint.load_model(_dist_dir(folder), model)
+        dist_checkpoint.load_model(folder, model)
         return
     if not same_layout(folder, model):
         reshard.load_model(folder, _layout_free_dir(folder), _reshard_meta(folder, model), model, trained)
@@ -262,7 +259,7 @@ def load_model_state(folder: str, model, trained) -> None:
 def load_optimizer_state(folder: str, model, trained, optimizer, grads) -> None:
     _check_optimizer_kind(folder, model, optimizer)
     if isinstance(optimizer, MegatronOptimizerForTrainer):
-        dist_checkpoint.load_optimizer(_dist_dir(folder), model, optimizer)
+        dist_checkpoint.load_optimizer(folder, model, optimizer)
         return
     if not same_layout(folder, model):
         meta = _reshard_meta(folder, model)

@@ -10,11 +10,10 @@ new layout needs: resharding is dist_checkpointing's own. The distributed optimi
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
 import shutil
 
+from ..conversion import distributed
 from ..runtime.parallel import barrier, is_rank0
 from ..runtime.cpu import (
     bridge_torch_optimizer_checkpointing,
@@ -24,31 +23,8 @@ from ..runtime.cpu import (
 )
 from .errors import TrainingError
 
-DIST_DIR = "dist_ckpt"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def _chunks_by_key(model) -> dict:
-    """The model's chunks under Megatron-LM's keys: "model", or "model0", "model1"... under vpp."""
-    chunks = model.chunks
-    return {"model": chunks[0]} if len(chunks) == 1 else {f"model{i}": chunk for i, chunk in enumerate(chunks)}
-
-
-def model_sharded_state(model) -> dict:
-    """The chunks' sharded state dicts under Megatron-LM's keys."""
-    return {key: chunk.sharded_state_dict() for key, chunk in _chunks_by_key(model).items()}
-
-
-def _write_in_this_process() -> None:
-    """Bridges dist_checkpointing/strategies/filesystem_async.py: its first save creates a results queue
-    served by a *spawned* multiprocessing Manager, a fresh interpreter that re-imports the user's
-    script (and re-runs it when the script is not guarded by `if __name__ == "__main__"`). That queue
-    is only read by the saving process itself when the save is synchronous, as here, so an in-process
-    queue serves. (Its per-file writer processes are forked and stay.)"""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
+RESUME_ADVICE = "Resume from an earlier checkpoint, or with the model it was trained from."
 
 
 def save(path: str, model, optimizer) -> None:
@@ -62,9 +38,9 @@ def save(path: str, model, optimizer) -> None:
                 shutil.rmtree(stale)
         os.makedirs(partial)
     barrier()
-    state = model_sharded_state(model)
+    state = distributed.model_sharded_state(model.chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
-    _write_in_this_process()
+    distributed.write_in_this_process()
     with megatron_optimizer_device():
         dist_checkpointing.save(state, partial)
     barrier()
@@ -73,60 +49,24 @@ def save(path: str, model, optimizer) -> None:
     barrier()
 
 
-def _check(path: str) -> None:
+def load_model(folder: str, model) -> None:
+    """Collective: the model's weights from checkpoint `folder`'s dist_ckpt/, read at this model's layout."""
+    distributed.load_chunks(folder, model.chunks, model.shard_layout, TrainingError, RESUME_ADVICE)
+
+
+def load_optimizer(folder: str, model, optimizer) -> None:
+    """Collective: the optimizer's state (masters, moments, step, loss scale) from `folder`, at this layout."""
     from megatron.core import dist_checkpointing
 
-    if not dist_checkpointing.check_is_distributed_checkpoint(path):
-        raise TrainingError(
-            f"{path} is not a complete megatron-core distributed checkpoint (its metadata is missing): the save "
-            "was interrupted. Resume from an earlier checkpoint."
-        )
-
-
-@contextlib.contextmanager
-def _not_fitting(path: str):
-    """megatron's and torch's errors for a checkpoint of another model (a tensor it lacks, another shape)."""
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        yield
-    except (KeyError, CheckpointingException, CheckpointException) as err:
-        cause = err
-        if isinstance(err, CheckpointException) and err.failures:  # the first rank's own error
-            cause = next(iter(err.failures.values()))
-            cause = getattr(cause, "exc", cause)
-        reason = str(cause) if len(str(cause)) < 300 else str(cause)[:300] + " ..."
-        raise TrainingError(
-            f"The checkpoint in {path} does not fit this model: {reason}. Was it written for another model (or "
-            "another architecture setting)? Resume with the model it was trained from."
-        ) from err
-
-
-def load_model(path: str, model) -> None:
-    """Collective: the model's weights from `path`, read at this model's layout."""
-    from megatron.core import dist_checkpointing
-
-    _check(path)
-    wanted = model_sharded_state(model)
-    with megatron_optimizer_device(), _not_fitting(path):
-        loaded = dist_checkpointing.load(wanted, path)
-    for key, chunk in _chunks_by_key(model).items():
-        chunk.load_state_dict(loaded[key], strict=True)
-
-
-def load_optimizer(path: str, model, optimizer) -> None:
-    """Collective: the optimizer's state (masters, moments, step, loss scale) from `path`, at this layout."""
-    from megatron.core import dist_checkpointing
-
-    _check(path)
+    path = distributed.dist_dir(folder)
+    distributed.check_complete(path, TrainingError, RESUME_ADVICE)
     bridge_torch_optimizer_checkpointing()
     if optimizer.megatron.config.use_distributed_optimizer:
         for inner in optimizer.chained:
             fill_fresh_adam_state(inner.optimizer)
-    wanted = {"optimizer": optimizer.sharded_state_dict(model_sharded_state(model), is_loading=True,
+    wanted = {"optimizer": optimizer.sharded_state_dict(distributed.model_sharded_state(model.chunks), is_loading=True,
                                                        metadata=OPTIMIZER_METADATA)}
-    with megatron_optimizer_device(), _not_fitting(path):
+    with megatron_optimizer_device(), distributed.not_fitting(path, TrainingError, RESUME_ADVICE):
         loaded = dist_checkpointing.load(wanted, path)
     optimizer.load_state_dict(loaded["optimizer"])
     if optimizer.megatron.config.use_distributed_optimizer:
