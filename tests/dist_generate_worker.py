@@ -77,6 +77,13 @@ CASES: dict[str, tuple] = {
     # Expert parallelism: each replica its own prompts and length (rank r: seed 7 + r, 6 + 6·r new tokens).
     "moe-per-rank": ("qwen3_moe", "padded", {}, False),
 }
+
+# Cases whose generation crosses Phi-3's longrope switch (long factors once a position passes
+# original_max_position_embeddings). transformers' generate then drops its cache to recompute the sequence
+# with the new factors; 5.19.0 drops the cache but still feeds only the last token (a no-cache forward of one
+# token: other tokens than its own model gives); 5.24.0 recomputes the whole sequence. The oracle for these is
+# transformers' forward over the whole sequence at every step (generate without cache), equal to 5.24's.
+RECOMPUTED_BY_TRANSFORMERS = {"greedy-single-phi3", "greedy-padded-phi3"}
 MOE_CASES = ("moe-greedy-single", "moe-greedy-padded")
 TP1_CASES = ("mla-greedy-padded", "sinks-greedy-padded")
 CORE_CASES = ("greedy-padded-llama", "beam", "sample")

@@ -78,6 +78,8 @@ def oracle(checkpoints):
             if folder not in models:
                 models[folder] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             kwargs = W.generate_kwargs(case, eos, checkpoints)
+            if case in W.RECOMPUTED_BY_TRANSFORMERS:
+                kwargs["use_cache"] = False
             ids, mask = W.make_prompts(kind)
             if case == "moe-per-rank":
                 seed, kwargs["max_new_tokens"] = W.per_rank_settings(rank)
