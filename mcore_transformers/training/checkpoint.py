@@ -149,15 +149,17 @@ def _saved_layout(folder: str) -> dict:
         )
     with open(os.path.join(folder, STATE_DIR, LAYOUT_FILE)) as f:
         saved = json.load(f)
-    if "optimizer" in saved and saved["optimizer"] is None:
-        raise TrainingError(
-            f"{folder} holds weights only (a distributed checkpoint written by `mcore-transformers convert` or "
-            "save_distributed_checkpoint), no training state to resume. To start from its weights, load it with "
-            "MCoreModelForCausalLM.from_pretrained and train without resume_from_checkpoint."
-        )
     saved.setdefault("etp", saved.get("tp"))  # format 1 did not record it: the default, tp
     saved.setdefault("optimizer", "torch")  # formats 1-2: transformers' optimizer only
     return saved
+
+
+def holds_weights_only(folder: str) -> bool:
+    """A distributed checkpoint of weights alone (`convert`, `save_distributed_checkpoint`). transformers'
+    Trainer resumes only from a folder with its trainer state (5.19-5.24 read trainer_state.json
+    unconditionally), so such a folder is a model to load, not a run to resume."""
+    saved = distributed.read_layout(folder)
+    return saved is not None and "optimizer" in saved and saved["optimizer"] is None
 
 
 def same_layout(folder: str, model) -> bool:
@@ -237,6 +239,12 @@ def _load_position(folder: str) -> dict:
 def load_model_state(folder: str, model, trained) -> None:
     """Copy the saved parameters into `trained` (the model, or its PEFT wrapper): this rank's file at the
     saved layout (bit-exact), else resharded (module docstring)."""
+    if holds_weights_only(folder):
+        raise TrainingError(
+            f"{folder} holds weights only (a distributed checkpoint written by `mcore-transformers convert` or "
+            "save_distributed_checkpoint), no training state to resume. To start from its weights, load it with "
+            "MCoreModelForCausalLM.from_pretrained(folder, tp=..., pp=...) and train without resume_from_checkpoint."
+        )
     if _saved_layout(folder)["optimizer"] != "torch":
         dist_checkpoint.load_model(folder, model)
         return
