@@ -79,7 +79,7 @@ def checkpoint_bytes(folder: str) -> int:
 def run(ep: int) -> dict:
     import torch.distributed as dist
 
-    import mcore_transformers.model.causal_lm as modeling
+    import mcore_transformers.model.loading as modeling  # where from_pretrained opens its reader
     from mcore_transformers import MCoreModelForCausalLM
 
     readers = []

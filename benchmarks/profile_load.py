@@ -5,7 +5,8 @@
 (--tp 2 must run under torchrun --nproc_per_node=2; the numbers printed are rank 0's.)
 
 Phase breakdown: every function `from_pretrained` calls by name from mcore_transformers.model.causal_lm
-(build_model, bind_parameters, check_checkpoint, load_parameters, ...) is wrapped with a timer, and
+(build_model, bind_parameters, check_checkpoint, load_parameters, ...)
+(and from mcore_transformers.model.loading, where the weights are read) is wrapped with a timer, and
 `load_parameters` is split per rule type (time in `rule.load` and bytes handed out). Medians of
 --repeats warm loads (one untimed warm-up first). With --cprofile, one load and one save are also
 profiled and the top functions by own time printed.
@@ -50,15 +51,16 @@ def timed(name, fn):
 def instrument() -> None:
     import types
 
-    from mcore_transformers.model import causal_lm as modeling
+    from mcore_transformers.model import causal_lm, loading
     from mcore_transformers.conversion import rules
 
-    skip = {"cls", "logger"}
-    for name, value in list(vars(modeling).items()):
-        if isinstance(value, types.FunctionType) and value.__module__.startswith("mcore_transformers") \
-                and name not in skip and not name.startswith("_is_"):
-            setattr(modeling, name, timed(name, value))
-    for name in ("AutoConfig", "CheckpointReader", "GenerationConfig"):
+    skip = {"cls", "logger", "load_weights"}  # load_weights: its parts are timed in loading.py
+    for modeling in (causal_lm, loading):
+        for name, value in list(vars(modeling).items()):
+            if isinstance(value, types.FunctionType) and value.__module__.startswith("mcore_transformers") \
+                    and name not in skip and not name.startswith("_is_"):
+                setattr(modeling, name, timed(name, value))
+    for modeling, name in ((causal_lm, "AutoConfig"), (loading, "CheckpointReader"), (causal_lm, "GenerationConfig")):
         if hasattr(modeling, name):
             obj = getattr(modeling, name)
             if name == "CheckpointReader":

@@ -141,7 +141,7 @@ class _ReadCounter:
     """Remembers the CheckpointReader from_pretrained opens, to report the bytes this rank read."""
 
     def __init__(self):
-        import mcore_transformers.model.causal_lm as modeling
+        import mcore_transformers.model.loading as modeling  # where from_pretrained opens its reader
 
         self.readers = []
         base = modeling.CheckpointReader
