@@ -115,15 +115,51 @@ class CheckpointReader:
         return _DTYPES[self._handle(name).get_slice(name).get_dtype()]
 
     def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """The whole tensor (zero-copy mapping) or `[start:stop]` along `dim` (reads only those bytes)."""
-        handle = self._handle(name)
-        if dim is None:
-            tensor = handle.get_tensor(name)
-        else:
-            index = [slice(None)] * dim + [slice(start, stop)]
-            tensor = handle.get_slice(name)[tuple(index)]
-        self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+        """The whole tensor, or `[start:stop]` along `dim`. Whole tensors and slices of the first non-trivial
+        dim are zero-copy views of the file mapping (pages read when touched); a slice of a later dim is read
+        with pread straight into a new tensor (whole rows of at most SLICE_BLOCK_BYTES at a time when the
+        slice is narrow), so no page of the other ranks' columns is mapped in: a rank's memory holds its
+        shards and little else."""
+        shape, dtype = self.shape(name), self.dtype(name)
+        stop = shape[dim] if dim is not None and stop is None else stop
+        if dim is None or (start == 0 and stop == shape[dim]):
+            tensor = self._handle(name).get_tensor(name)
+            self.bytes_read += tensor.numel() * tensor.element_size()
+            return tensor
+        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:]) * dtype.itemsize
+        shard, begin = self._where[name], self._data_offsets()[name][0]
+        if outer == 1:  # one contiguous run: a view of the mapping
+            self.bytes_read += (stop - start) * inner
+            span = self._mapping(shard)[begin + start * inner : begin + stop * inner]
+            return torch.empty(0, dtype=dtype).set_(span, 0, (*shape[:dim], stop - start, *shape[dim + 1:]))
+        out = torch.empty((*shape[:dim], stop - start, *shape[dim + 1:]), dtype=dtype)
+        self.bytes_read += out.numel() * out.element_size()
+        if out.numel() == 0:
+            return out
+        target = memoryview(out.view(-1).view(torch.uint8).numpy())
+        row, piece = shape[dim] * inner, (stop - start) * inner  # bytes of one outer index, and of its slice
+        if outer == 1 or piece >= SLICE_BLOCK_BYTES // 4:  # long runs: one pread per outer index
+            for index in range(outer):
+                self._pread(shard, target[index * piece : (index + 1) * piece], begin + index * row + start * inner)
+            return out
+        # short runs: whole outer rows a block at a time through one buffer, the slice copied out
+        per_block = max(1, SLICE_BLOCK_BYTES // row)
+        block = torch.empty(per_block * row, dtype=torch.uint8)
+        rows_out = out.view(-1).view(torch.uint8).view(outer, piece)
+        for first in range(0, outer, per_block):
+            count = min(per_block, outer - first)
+            self._pread(shard, memoryview(block.numpy())[: count * row], begin + first * row)
+            rows_out[first : first + count].copy_(block[: count * row].view(count, row)[:, start * inner : stop * inner])
+        return out
+
+    def _pread(self, shard: str, buffer: memoryview, offset: int) -> None:
+        """Fill `buffer` from `shard` at `offset` (pread may return less than asked)."""
+        done, size = 0, len(buffer)
+        while done < size:
+            got = os.preadv(self._fd(shard), [buffer[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{os.path.join(self.folder, shard)} ended early: the file is truncated.")
+            done += got
 
     def read_rows(self, pieces: Sequence[tuple[str, int, int]]) -> torch.Tensor:
         """Rows [start:stop) along dim 0 of each (name, start, stop), concatenated along dim 0.
@@ -150,11 +186,8 @@ class CheckpointReader:
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
         pos = 0
         for shard, begin, end in spans:
-            while begin < end:
-                got = os.preadv(self._fd(shard), [buffer[pos : pos + end - begin]], begin)
-                if got <= 0:
-                    raise CheckpointError(f"{os.path.join(self.folder, shard)} ended early: the file is truncated.")
-                pos, begin = pos + got, begin + got
+            self._pread(shard, buffer[pos : pos + end - begin], begin)
+            pos += end - begin
         return out
 
     def _data_offsets(self) -> dict[str, tuple[int, int]]:
@@ -183,6 +216,8 @@ class CheckpointReader:
             self._fds[shard] = os.open(os.path.join(self.folder, shard), os.O_RDONLY)
         return self._fds[shard]
 
+
+SLICE_BLOCK_BYTES = 16 << 20  # the buffer a narrow slice of a later dim is read through
 
 _DTYPES = {
     "F64": torch.float64,

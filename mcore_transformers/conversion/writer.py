@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 import uuid
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_WEIGHTS_FILE_PATTERN
-from safetensors.torch import save_file
 
 from ..errors import SaveTargetError
 from .config_file import rewrite_config
@@ -50,29 +51,89 @@ def copy_source_files(source: Optional[str], destination: str) -> list[str]:
     return copied
 
 
+# safetensors' dtype names (the format's spec), for the header this writer composes itself
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class _ShardFile:
+    """One safetensors file whose layout is fixed before any tensor arrives: the header (names, dtypes, shapes,
+    offsets) is written first, then each tensor's bytes at its offset as it comes, and none is kept.
+
+    Offsets follow safetensors' own writer (larger item sizes first, then by name), so every tensor starts
+    aligned to its item size (the header is padded to 8 bytes) and mapped zero-copy views stay aligned.
+    """
+
+    def __init__(self, path: str, specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]]):
+        self.path, self.offsets, self._fd = path, {}, None
+        header, position = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in sorted(specs, key=lambda spec: (-spec[2].itemsize, spec[0])):
+            if dtype not in SAFETENSORS_DTYPES:
+                raise SaveTargetError(f"{name} is {dtype}, which safetensors does not store: cast the model first.")
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [position, position + size]}
+            self.offsets[name] = (position, size, tuple(shape), dtype)
+            position += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.prefix = struct.pack("<Q", len(text)) + text
+        self.total = len(self.prefix) + position
+        self.pending = set(self.offsets)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        start, size, shape, dtype = self.offsets[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"{name}: exported {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self._fd, self.total)
+            os.pwrite(self._fd, self.prefix, 0)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        done, at = 0, len(self.prefix) + start
+        view = memoryview(data)
+        while done < size:  # pwrite may write less than asked
+            done += os.pwrite(self._fd, view[done:], at + done)
+        self.pending.discard(name)
+        if not self.pending:
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class ShardWriter:
-    """Receives tensors in any order; writes each shard file as soon as all of its tensors arrived."""
+    """Receives tensors in any order and writes each at once into its planned shard file (nothing is
+    buffered: a rank that writes a whole model holds one tensor at a time)."""
 
     def __init__(self, folder: str, specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size):
         self.folder = folder
         self.split = plan_shards(specs, max_shard_size)
-        self._pending = {file: set(names) for file, names in self.split.filename_to_tensors.items()}
-        self._buffers: dict[str, dict[str, torch.Tensor]] = {file: {} for file in self._pending}
-        self._final_names = {}
-        if self.split.is_sharded:
-            self._final_names = {file: file for file in self._pending}
-        else:
-            self._final_names = {file: SINGLE_FILE for file in self._pending}
+        by_name = {name: (name, tuple(shape), dtype) for name, shape, dtype in specs}
+        self._files: dict[str, _ShardFile] = {}
+        self._file_of: dict[str, _ShardFile] = {}
+        for file, names in self.split.filename_to_tensors.items():
+            final = file if self.split.is_sharded else SINGLE_FILE
+            shard = _ShardFile(os.path.join(folder, final), [by_name[name] for name in names])
+            self._files[file] = shard
+            self._file_of.update({name: shard for name in names})
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        file = self.split.tensor_to_filename[name]
-        self._buffers[file][name] = tensor.detach().to("cpu").contiguous()
-        self._pending[file].discard(name)
-        if not self._pending[file]:
-            save_file(self._buffers.pop(file), os.path.join(self.folder, self._final_names[file]), metadata={"format": "pt"})
+        self._file_of[name].write(name, tensor)
+
+    def close(self) -> None:
+        for shard in self._files.values():
+            shard.close()
 
     def finish(self) -> None:
-        unwritten = [file for file, names in self._pending.items() if names]
+        self.close()
+        unwritten = [file for file, shard in self._files.items() if shard.pending]
         if unwritten:
             raise RuntimeError(f"Export ended before these shards were complete: {unwritten}")
         if self.split.is_sharded:
@@ -152,6 +213,7 @@ def write_hf_folder(
     config_file.config_changes); without a source config, `write_config(folder)` writes one.
     """
     tmp = temporary_sibling(target)
+    writer = None
     try:
         writer = ShardWriter(tmp, specs, max_shard_size)
         for name, tensor in tensors:
@@ -164,5 +226,7 @@ def write_hf_folder(
             write_config(tmp)
         commit_folder(tmp, target)
     except BaseException:
+        if writer is not None:
+            writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
