@@ -3,6 +3,7 @@
     python benchmarks/convert_memory.py            # the ~314M-parameter bf16 checkpoint (627 MB), worlds 1 and 2
     python benchmarks/convert_memory.py --small    # ~7M parameters: sanity check
     python benchmarks/convert_memory.py --check    # include the command's read-back check (a second copy)
+    python benchmarks/convert_memory.py --moe      # the ~89M Qwen3-MoE of moe_load.py, experts over ep (world 2)
 
 For each world size and direction the command runs under torchrun (one process for world 1), as users run
 it. Each rank records its RSS after the imports, resets the peak (/proc/self/clear_refs), runs the
@@ -73,13 +74,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worlds", default="1,2")
     parser.add_argument("--check", action="store_true", help="keep the command's read-back check")
+    parser.add_argument("--moe", action="store_true", help="the MoE checkpoint of moe_load.py, ep = world size")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
     from load_save import checkpoint_bytes
     from make_checkpoint import make_checkpoint
 
-    source = make_checkpoint(small=args.small)
+    if args.moe:
+        from moe_load import make_checkpoint as make_moe_checkpoint
+
+        source = make_moe_checkpoint()
+    else:
+        source = make_checkpoint(small=args.small)
     total = checkpoint_bytes(source)
     check = [] if args.check else ["--no-check"]
     rows = []
@@ -87,7 +94,7 @@ def main() -> None:
     print(f"{'world':>5} {'direction':<18} {'seconds (median, min..max)':<28} {'peak MiB (max rank)':>20} "
           f"{'share MiB':>10} {'peak/share':>10}")
     for world in [int(w) for w in args.worlds.split(",")]:
-        layout = ["--tp", str(world)] if world > 1 else []
+        layout = ["--ep" if args.moe else "--tp", str(world)] if world > 1 else []
         with tempfile.TemporaryDirectory(prefix="mcore-convert-bench-") as scratch:
             dist_dir, hf_dir = os.path.join(scratch, "dist"), os.path.join(scratch, "hf")
             steps = [("HF -> distributed", [source, dist_dir], dist_dir),
