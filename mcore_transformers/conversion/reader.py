@@ -143,7 +143,7 @@ class CheckpointReader:
                 self._pread(shard, target[index * piece : (index + 1) * piece], begin + index * row + start * inner)
             return out
         # short runs: whole outer rows a block at a time through one buffer, the slice copied out
-        per_block = max(1, SLICE_BLOCK_BYTES // row)
+        per_block = min(outer, max(1, SLICE_BLOCK_BYTES // row))
         block = torch.empty(per_block * row, dtype=torch.uint8)
         rows_out = out.view(-1).view(torch.uint8).view(outer, piece)
         for first in range(0, outer, per_block):
