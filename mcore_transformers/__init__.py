@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "MCoreModelForCausalLM": ".model.causal_lm",
+    "MCoreModelForImageTextToText": ".multimodal.image_text",
     "ParallelConfig": ".runtime.parallel",
     "destroy_parallel_state": ".runtime.parallel",
     "MCoreTrainer": ".training",

@@ -179,7 +179,7 @@ def test_cache_reorder_crop_and_growth():
     k, v = cache.context.key_value_memory_dict[1]
     assert torch.equal(k[:3], key[:3, [2, 2, 0]]) and torch.equal(v[:3], -key[:3, [2, 2, 0]])
     assert torch.equal(k[3], key[3])  # slots beyond the cached length are untouched
-    assert cache.positions[:, :3].tolist() == [[8, 9, 10], [8, 9, 10], [0, 1, 2]]
+    assert cache.positions[0, :, :3].tolist() == [[8, 9, 10], [8, 9, 10], [0, 1, 2]]
     cache.reserve(10)
     assert cache.max_length >= 10 and torch.equal(cache.context.key_value_memory_dict[1][0][:3], k[:3])
     cache.crop(0)  # transformers: remove nothing (assisted decoding calls this after accepting every candidate)
@@ -209,10 +209,10 @@ def test_cache_is_a_transformers_cache():
     assert cache.get_seq_length() == 3 and cache.get_mask_sizes(1, 0) == (4, 0)
     assert torch.equal(cache.layers[0].keys, memory[:3].permute(1, 2, 0, 3))  # HF layout [b, heads, s, d]
     cache.batch_repeat_interleave(2)
-    assert cache.batch_size == 4 and cache.positions[:, :3].tolist() == [[0, 1, 2], [0, 1, 2], [0, 0, 1], [0, 0, 1]]
+    assert cache.batch_size == 4 and cache.positions[0, :, :3].tolist() == [[0, 1, 2], [0, 1, 2], [0, 0, 1], [0, 0, 1]]
     assert torch.equal(cache.layers[0].keys[1], memory[:3, 0].permute(1, 0, 2))
     cache.batch_select_indices(torch.tensor([3, 0]))
-    assert cache.batch_size == 2 and cache.positions[:, :3].tolist() == [[0, 0, 1], [0, 1, 2]]
+    assert cache.batch_size == 2 and cache.positions[0, :, :3].tolist() == [[0, 0, 1], [0, 1, 2]]
     with pytest.raises(GenerationError, match="written by megatron-core's attention"):
         cache.update(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4), 0)
     cache.reset()

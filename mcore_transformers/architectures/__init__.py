@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (registration)
     qwen2_moe,
     qwen3,
     qwen3_moe,
+    qwen_vl_text,
     smollm3,
 )
 from .base import ARCHITECTURES, DecoderArchitecture, get_architecture, register

@@ -8,7 +8,7 @@ its family does differently. The engine reads `transformer_config()`, `rules()`,
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from ..conversion.rules import (
     Row,
     Rule,
     VocabColumn,
+    with_hf_names,
 )
 from ..errors import UnsupportedModelError
 
@@ -38,14 +39,21 @@ def register(cls: type["DecoderArchitecture"]) -> type["DecoderArchitecture"]:
     return cls
 
 
-def get_architecture(hf_config: PretrainedConfig) -> "DecoderArchitecture":
+def get_architecture(hf_config: PretrainedConfig, **nesting) -> "DecoderArchitecture":
+    """The architecture of a decoder config; `nesting` (`hf_rename`, `tie_word_embeddings`) places it inside a
+    bigger model's checkpoint (a vision-language model's language model)."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in ARCHITECTURES:
+        if getattr(hf_config, "vision_config", None) is not None:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is a vision-language model: load it with MCoreModelForImageTextToText "
+                "(mcore_transformers.multimodal lists the supported families)."
+            )
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported. Supported: {', '.join(sorted(ARCHITECTURES))}. "
             "A new family is one file in mcore_transformers/architectures/."
         )
-    return ARCHITECTURES[model_type](hf_config)
+    return ARCHITECTURES[model_type](hf_config, **nesting)
 
 
 LAYER = "decoder.layers.{i}."
@@ -70,8 +78,16 @@ class DecoderArchitecture:
 
     model_types: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, hf_config: PretrainedConfig):
+    def __init__(
+        self,
+        hf_config: PretrainedConfig,
+        hf_rename: Optional[Callable[[str], str]] = None,
+        tie_word_embeddings: Optional[bool] = None,
+    ):
         self.hf = hf_config
+        # A decoder nested in a bigger checkpoint: its HF names there, and the tying its parent config declares.
+        self.hf_rename = hf_rename
+        self._tie_word_embeddings = tie_word_embeddings
 
     # ---- config translation ------------------------------------------------------------------
     @property
@@ -85,6 +101,8 @@ class DecoderArchitecture:
 
     @property
     def tie_word_embeddings(self) -> bool:
+        if self._tie_word_embeddings is not None:
+            return self._tie_word_embeddings
         return bool(getattr(self.hf, "tie_word_embeddings", False))
 
     def qkv_bias(self) -> bool:
@@ -120,6 +138,11 @@ class DecoderArchitecture:
     def rotary_interleaved(self) -> bool:
         """True: rotary pairs adjacent elements (GLM style: x[0::2], x[1::2]); False: the two halves of the head."""
         return False
+
+    def rotary_components(self) -> Optional[torch.Tensor]:
+        """Multimodal rotary (Qwen-VL's M-RoPE): for each rotary frequency, which of the three position components
+        (temporal, height, width) rotates it, as a `[rotary_dim / 2]` index tensor. None: one position per token."""
+        return None
 
     def sliding_window(self) -> Optional[int]:
         """Attention window (keys within this distance are visible), or None for full causal attention."""
@@ -210,7 +233,10 @@ class DecoderArchitecture:
 
     # ---- weight rules ------------------------------------------------------------------------
     def rules(self) -> list[Rule]:
-        return self.embedding_rules() + self.layer_rules()
+        rules = self.embedding_rules() + self.layer_rules()
+        if self.hf_rename is None:
+            return rules
+        return [with_hf_names(rule, self.hf_rename) for rule in rules]
 
     def embedding_rules(self) -> list[Rule]:
         rules = [

@@ -48,9 +48,15 @@ def config_changes(config: PretrainedConfig, source_folder: Optional[str], saved
 
 
 def causal_lm_class_name(config: PretrainedConfig) -> str:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """transformers' generating class for the config: image-text-to-text for a vision-language model, else causal LM."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if getattr(config, "vision_config", None) is not None:
+        mapping = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    name = mapping.get(config.model_type)
     return name if isinstance(name, str) else f"{type(config).__name__.removesuffix('Config')}ForCausalLM"
 
 

@@ -7,8 +7,9 @@ Architecture files only name things; they never slice.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
-from typing import ClassVar, Optional, Protocol, Sequence
+from typing import Callable, ClassVar, Optional, Protocol, Sequence
 
 import torch
 
@@ -398,3 +399,15 @@ class OneOf(Rule):
                 if all(name in available for name in rule.names(layer, expert)[1]):
                     return rule
         return self.alternatives[0]
+
+
+def with_hf_names(rule: Rule, rename: Callable[[str], str]) -> Rule:
+    """`rule` with its HF tensor names passed through `rename`, layout unchanged: a text decoder nested in a
+    bigger checkpoint (a vision-language model keeps it under `model.language_model.`)."""
+    renamed = copy.copy(rule)
+    object.__setattr__(renamed, "hf", tuple(rename(name) for name in rule.hf))
+    if isinstance(rule, Expert):
+        object.__setattr__(renamed, "inner", with_hf_names(rule.inner, rename))
+    if isinstance(rule, OneOf):
+        object.__setattr__(renamed, "alternatives", tuple(with_hf_names(alt, rename) for alt in rule.alternatives))
+    return renamed

@@ -9,8 +9,9 @@ calls `reorder_cache` for beams, `crop` for assisted decoding, `reset` and `batc
 attention layer of this rank (its pipeline stage), each a view of that layer's memory in HF's layout.
 
 Beside the context it keeps what megatron's static context does not know:
-- the position id of every cached slot, per row (`positions`). The model passes rotary angles itself, for
-  the whole cached length every step (left-padded rows have their own positions, `cumsum(mask) - 1`).
+- the position id of every cached slot, per row (`positions`, `[components, rows, slots]`: one component for
+  text, three for multimodal rotary). The model passes rotary angles itself, for the whole cached length every
+  step (left-padded rows have their own positions, `cumsum(mask) - 1`).
 - nothing about padding: the model builds an explicit `[b, 1, s, past + s]` mask from HF's 2-D attention
   mask every step (mcore's static context would decode with no mask at all).
 
@@ -117,14 +118,17 @@ class MCoreKVCache(Cache):
     `model.new_kv_cache(batch_size, max_length)`, or let `generate()` build it.
     """
 
-    def __init__(self, batch_size: int, max_length: int, device: torch.device, layer_numbers: Sequence[int]):
+    def __init__(
+        self, batch_size: int, max_length: int, device: torch.device, layer_numbers: Sequence[int], components: int = 1
+    ):
         if batch_size < 1 or max_length < 1:
             raise GenerationError(f"A KV cache needs batch_size >= 1 and max_length >= 1 (got {batch_size}, {max_length}).")
         if not layer_numbers:
             raise GenerationError("A KV cache needs the numbers of this rank's attention layers (model.new_kv_cache knows them).")
         super().__init__(layers=[MCoreKVLayer(self, number) for number in layer_numbers])
         self.context = StaticInferenceContext(max_batch_size=batch_size, max_sequence_length=max_length)
-        self.positions = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
+        # [components, rows, slots]: a text model's rotary has one position per token, multimodal rotary three
+        self.positions = torch.zeros(components, batch_size, max_length, dtype=torch.long, device=device)
 
     # ---- transformers' Cache API -------------------------------------------------------------------
     @property
@@ -171,7 +175,7 @@ class MCoreKVCache(Cache):
         for key, value in self.context.key_value_memory_dict.values():
             key[:length] = key[:length].index_select(1, index.to(key.device))
             value[:length] = value[:length].index_select(1, index.to(value.device))
-        self.positions[:, :length] = self.positions[:, :length].index_select(0, index)
+        self.positions[:, :, :length] = self.positions[:, :, :length].index_select(1, index)
 
     def crop(self, tokens: int) -> None:
         """Negative: drop that many tokens from the end; 0: nothing (transformers' rule).
@@ -202,7 +206,7 @@ class MCoreKVCache(Cache):
         memory = self.context.key_value_memory_dict
         for layer, tensors in memory.items():
             memory[layer] = tuple(t.index_select(1, rows.to(t.device)) for t in tensors)
-        self.positions = self.positions.index_select(0, rows)
+        self.positions = self.positions.index_select(1, rows)
         self.context.max_batch_size = int(rows.numel())
 
     def reserve(self, length: int) -> None:
@@ -219,14 +223,21 @@ class MCoreKVCache(Cache):
                 new[:cached] = old[:cached]
                 grown.append(new)
             memory[layer] = tuple(grown)
-        positions = self.positions.new_zeros(self.batch_size, new_length)
-        positions[:, :cached] = self.positions[:, :cached]
+        positions = self.positions.new_zeros(self.positions.shape[0], self.batch_size, new_length)
+        positions[:, :, :cached] = self.positions[:, :, :cached]
         self.positions = positions
         self.context.max_sequence_length = new_length
 
     def begin_step(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """Record the positions of the `s` tokens about to be cached; returns `[b, past + s]` positions."""
-        batch, seq = position_ids.shape
+        """Record the positions of the `s` tokens about to be cached; returns the positions of every cached token
+        and these: `[b, past + s]` for `[b, s]` positions, `[c, b, past + s]` for `[c, b, s]` (multimodal rotary)."""
+        components = position_ids.shape[0] if position_ids.dim() == 3 else 1
+        if components != self.positions.shape[0]:
+            raise GenerationError(
+                f"This KV cache keeps {self.positions.shape[0]} rotary position component(s) per token but the forward "
+                f"got {components}. Use a cache the model built for itself (model.new_kv_cache / generate())."
+            )
+        batch, seq = position_ids.shape[-2:]
         if batch != self.batch_size:
             raise GenerationError(
                 f"This KV cache holds {self.batch_size} rows but the forward got a batch of {batch}. Use a cache "
@@ -234,8 +245,9 @@ class MCoreKVCache(Cache):
             )
         past = self.get_seq_length()
         self.reserve(past + seq)
-        self.positions[:, past : past + seq] = position_ids.to(self.positions.device)
-        return self.positions[:, : past + seq]
+        self.positions[:, :, past : past + seq] = position_ids.to(self.positions.device).reshape(components, batch, seq)
+        cached = self.positions[:, :, : past + seq]
+        return cached if position_ids.dim() == 3 else cached[0]
 
     def end_step(self, num_tokens: int) -> None:
         """The forward cached `num_tokens` new tokens per row (padding added for sequence parallelism excluded)."""

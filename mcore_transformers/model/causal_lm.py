@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from ..conversion.exporter import PlannedTensor, UnclaimedTensors
 from ..conversion.loader import check_materialised
 from ..conversion.rules import ShardLayout
 from .forward import (
-    ForwardInputs, attention_mask_for, broadcast_from_last_stage, forward_logits, packed_segments, rotary_angles,
+    ForwardInputs, StreamEdits, attention_mask_for, broadcast_from_last_stage, forward_logits, packed_segments, rotary_angles,
 )
 from ..errors import GenerationError, MCoreTransformersError
 from .cache import MCoreKVCache
@@ -32,7 +32,7 @@ from .lockstep import model_parallel_group, ranks_agree
 from .pretrained_options import interpret, update_config
 from .router_aux import recording_router_logits, router_aux_outputs
 from .recompute import disable_recompute, enable_recompute, recompute_enabled
-from .vocab import INPUT_EMBEDDINGS, VocabView, output_name, resize_vocabulary
+from .vocab import VocabView, input_name, output_name, resize_vocabulary
 from ..peft.targets import attach as attach_lora_targets
 from ..runtime.parallel import DEFAULT_SEED, ParallelConfig, default_device, init_parallel_state
 
@@ -91,11 +91,16 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         # Full-vocabulary views, registered so that code looking for them among the model's modules finds them
         # (peft's "all-linear" excludes the head by identity). Not under transformers' names: peft targets
         # by name, and these are views, not layers it could adapt (LoRA targets are the decoder's linears).
-        self.embed_tokens_view = VocabView(self, INPUT_EMBEDDINGS, source_stage=0)
+        self.embed_tokens_view = VocabView(self, input_name(self), source_stage=0)
         head = output_name(self)
         if head is not None:
-            self.lm_head_view = VocabView(self, head, source_stage=0 if head == INPUT_EMBEDDINGS else -1)
+            self.lm_head_view = VocabView(self, head, source_stage=0 if head == input_name(self) else -1)
         self.post_init()
+
+    @property
+    def language_config(self) -> PretrainedConfig:
+        """The decoder's config: `config` itself, or a multimodal model's `text_config` (transformers' rule)."""
+        return self.config.get_text_config(decoder=True)
 
     # ---- transformers hooks --------------------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
@@ -230,11 +235,11 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         update_config(config, options.config_updates)
         for note in options.notes:
             logger.info(f"from_pretrained: {note}.")
-        arch = get_architecture(config)
+        arch = cls._architecture(config, folder, options.variant)
         dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config)
 
         init_parallel_state(layout, seed=seed)
-        built = build_model(arch, layout, dtype)
+        built = cls._build(arch, layout, dtype)
         bound = load_weights(folder, arch, built, dtype, default_device(), options.variant)
         check_materialised(built.chunks)
         model = cls(config, arch, built.chunks, built.shard_layout, layout, bound, source_folder=folder)
@@ -252,6 +257,16 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
             info = {"missing_keys": [], "unexpected_keys": list(unused.names), "mismatched_keys": [], "error_msgs": []}
             return model, info
         return model
+
+    @classmethod
+    def _architecture(cls, config: PretrainedConfig, folder: str, variant: Optional[str]) -> DecoderArchitecture:
+        """The architecture of the checkpoint in `folder` (a multimodal model looks at its tensor names)."""
+        return get_architecture(config)
+
+    @classmethod
+    def _build(cls, arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.dtype):
+        """This rank's modules, parameters on the meta device (a multimodal model adds its encoders)."""
+        return build_model(arch, layout, dtype)
 
     # ---- forward -------------------------------------------------------------------------------
     def rotary_frequencies(self, positions: torch.Tensor) -> torch.Tensor:
@@ -289,6 +304,27 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         """
         if inputs_embeds is not None:
             raise NotImplementedError("inputs_embeds is not supported: pass input_ids.")
+        return self._language_model_forward(
+            input_ids, attention_mask, position_ids, cache_argument(past_key_values, cache), use_cache, labels,
+            logits_to_keep, cache_position, output_hidden_states, **kwargs,
+        )
+
+    def _language_model_forward(
+        self,
+        input_ids: Optional[torch.LongTensor],
+        attention_mask: Optional[torch.Tensor],
+        position_ids: Optional[torch.LongTensor],
+        cache: Optional[MCoreKVCache],
+        use_cache: Optional[bool],
+        labels: Optional[torch.LongTensor],
+        logits_to_keep: Union[int, torch.Tensor],
+        cache_position: Optional[torch.LongTensor],
+        output_hidden_states: Optional[bool],
+        stream_edits: Optional[Callable[[int], StreamEdits]] = None,
+        **kwargs,
+    ):
+        """The decoder's forward (see `forward`). `position_ids` may be `[3, b, s]` (multimodal rotary);
+        `stream_edits(padded_seq)` gives what another modality adds to the decoder's stream (`StreamEdits`)."""
         if input_ids is None:
             raise ValueError("input_ids is required.")
         device = self.rotary_inv_freq.device
@@ -302,7 +338,6 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
                 "trainers in mcore_transformers.trl), which give the ranks of one model the same data."
             )
 
-        cache = cache_argument(past_key_values, cache)
         self.check_received_cache(cache)
         if cache is None and use_cache and not self.training:
             cache = self.new_kv_cache(batch, seq)
@@ -322,12 +357,15 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         # transformers' packed sequences: position ids that restart, no attention mask, no cache (transformers
         # makes one when use_cache, or else config.use_cache, is true: packing is not looked for then).
         wants_cache = use_cache if use_cache is not None else getattr(self.config, "use_cache", False)
-        packing_possible = position_ids is not None and attention_mask is None and cache is None and not wants_cache
+        packing_possible = (
+            position_ids is not None and position_ids.dim() == 2 and attention_mask is None and cache is None
+            and not wants_cache
+        )
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=device).expand(batch, seq)
         position_ids = position_ids.to(device)
-        if position_ids.shape[0] == 1 and batch > 1:
-            position_ids = position_ids.expand(batch, seq)
+        if position_ids.shape[-2] == 1 and batch > 1:
+            position_ids = position_ids.expand(*position_ids.shape[:-2], batch, seq)
 
         # Sequence parallelism splits the sequence across TP ranks: pad it to a multiple of tp
         # with masked positions on the right (invisible to every real token under causal masking;
@@ -338,7 +376,7 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
             padded_seq = -(-seq // self.layout.tp) * self.layout.tp
             extra = padded_seq - seq
             input_ids = nn.functional.pad(input_ids, (0, extra))
-            position_ids = torch.cat([position_ids, position_ids[:, -1:] + torch.arange(1, extra + 1, device=device)], 1)
+            position_ids = torch.cat([position_ids, position_ids[..., -1:] + torch.arange(1, extra + 1, device=device)], -1)
             if attention_mask is None:
                 attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=device)
             attention_mask = nn.functional.pad(attention_mask, (0, extra))
@@ -358,23 +396,29 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         aux_spec = self.arch.router_aux_loss() if output_router_logits else None
         recording = recording_router_logits(self.chunks) if aux_spec is not None else contextlib.nullcontext([])
         hidden_recording = contextlib.nullcontext(None)
-        if output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states:
+        if output_hidden_states if output_hidden_states is not None else self.language_config.output_hidden_states:
             hidden_recording = recording_hidden_states(self.chunks, self.layout.pp)
 
         rotary_positions = cache.begin_step(position_ids) if cache is not None else position_ids
         packed = packed_segments(position_ids) if packing_possible else None
+        edits = stream_edits(padded_seq) if stream_edits is not None else StreamEdits()
         inputs = ForwardInputs(
             input_ids=input_ids,
             attention_mask=attention_mask_for(
                 attention_mask, batch, padded_seq, self.arch.sliding_window(), device, past=past, segments=packed
             ),
-            rotary=rotary_angles(rotary_positions, self.rotary_frequencies(rotary_positions), self.arch.rotary_interleaved()),
+            rotary=rotary_angles(
+                rotary_positions, self.rotary_frequencies(rotary_positions), self.arch.rotary_interleaved(),
+                self.arch.rotary_components(),
+            ),
             inference_context=cache.context if cache is not None else None,
             # Under sequence parallelism the output layer gathers the sequence itself: cut afterwards.
             keep=None if sequence_parallel else keep,
+            after_embedding=edits.after_embedding,
+            after_layer=edits.after_layer,
         )
         hidden_seq = padded_seq // self.layout.tp if sequence_parallel else padded_seq
-        hidden_shape = (hidden_seq, batch, self.config.hidden_size)
+        hidden_shape = (hidden_seq, batch, self.language_config.hidden_size)
         cut_after = sequence_parallel or keep is None  # else run_chunk computed only the kept positions
         logits_seq = padded_seq if cut_after else kept
         with recording as router_logits, hidden_recording as recorded_hidden:
@@ -390,7 +434,7 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
                 logits = forward_logits(self.chunks, inputs, hidden_shape, self.dtype)
         if cache is not None:
             cache.end_step(seq)
-        logits = logits.transpose(0, 1)[:, :, : self.config.vocab_size]
+        logits = logits.transpose(0, 1)[:, :, : self.language_config.vocab_size]
         if cut_after:
             logits = logits[:, :seq]
             if keep is not None:
@@ -402,7 +446,7 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
             hidden_states = as_transformers_hidden_states(recorded_hidden, sequence_parallel, seq)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels.to(device), vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels.to(device), vocab_size=self.language_config.vocab_size, **kwargs)
         if aux_spec is None:
             return with_cache(CausalLMOutputWithPast, cache, loss=loss, logits=logits, hidden_states=hidden_states)
         new_tokens_mask = attention_mask[:, past:] if attention_mask is not None else None  # padded like the input
@@ -421,7 +465,10 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         Under sequence parallelism a step is padded up to a multiple of tp, hence the tp - 1 spare slots.
         """
         layer_numbers = [layer.layer_number for chunk in self.chunks for layer in chunk.decoder.layers]
-        return MCoreKVCache(batch_size, max_length + self._cache_spare(), self.rotary_inv_freq.device, layer_numbers)
+        components = 1 if self.arch.rotary_components() is None else 3
+        return MCoreKVCache(
+            batch_size, max_length + self._cache_spare(), self.rotary_inv_freq.device, layer_numbers, components
+        )
 
     def kv_cache_bytes(self, batch_size: int, max_length: int) -> int:
         """Bytes of key + value memory this rank's attention layers allocate for such a cache."""

@@ -7,8 +7,9 @@ padding and sliding windows explicitly (mcore's own default mask is causal-only)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,18 @@ class ForwardInputs:
     inference_context: Optional[Any] = None
     # Positions (along the sequence) whose logits are computed: a slice or a 1-D index tensor; None = all.
     keep: Union[slice, torch.Tensor, None] = None
+    # What other modalities add to the decoder's stream (multimodal models): a function of the embedding output
+    # (this rank's part of it: [s or s/tp, b, h]), and per global layer index one applied to that layer's output.
+    after_embedding: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    after_layer: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamEdits:
+    """What another modality adds to the decoder's stream for one forward (see `ForwardInputs`)."""
+
+    after_embedding: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    after_layer: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
 def attention_mask_for(
@@ -67,11 +80,22 @@ def packed_segments(position_ids: Optional[torch.Tensor]) -> Optional[torch.Tens
     return None if bool((segments[:, -1] == 0).all()) else segments
 
 
-def rotary_angles(position_ids: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+def rotary_angles(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False, components: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """[b, s] positions → [s, b, 1, d] angles, computed in fp32 as transformers does: each frequency for both
     halves of the head (rotate_half), or for both elements of a pair when the rotary is interleaved (GLM style,
-    megatron's `rotary_interleaved`)."""
+    megatron's `rotary_interleaved`).
+
+    Multimodal rotary (`components`, the architecture's `rotary_components()`): `[3, b, s]` positions (temporal,
+    height, width), frequency f rotated by component `components[f]`, as transformers' M-RoPE recomposes them.
+    """
+    if components is not None and position_ids.dim() == 2:
+        position_ids = position_ids.expand(3, *position_ids.shape)
     freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)
+    if components is not None:
+        index = components.to(freqs.device).view(1, 1, 1, -1).expand(1, *freqs.shape[1:])
+        freqs = freqs.gather(0, index)[0]
     angles = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     return angles.transpose(0, 1).unsqueeze(2)
 
@@ -83,19 +107,37 @@ def bare_chunk(module: torch.nn.Module) -> GPTModel:
     return module
 
 
+@contextlib.contextmanager
+def _layer_outputs_edited(chunk: GPTModel, edits: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]):
+    """`edits[i]` applied to the hidden states global layer i of this chunk returns (forward hooks, removed after)."""
+    hooks = []
+    for layer in chunk.decoder.layers:
+        edit = edits.get(layer.layer_number - 1)
+        if edit is not None:
+            hooks.append(layer.register_forward_hook(lambda module, args, output, edit=edit: (edit(output[0]), *output[1:])))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def run_chunk(chunk: GPTModel, inputs: ForwardInputs, hidden: Optional[torch.Tensor]) -> torch.Tensor:
     """Embedding (first chunk), decoder layers, then the local logits shard (last chunk)."""
     if chunk.pre_process:
         hidden = chunk.embedding(input_ids=inputs.input_ids, position_ids=None)
+        if inputs.after_embedding is not None:
+            hidden = inputs.after_embedding(hidden)
     else:
         chunk.decoder.set_input_tensor(hidden)
         hidden = None
-    hidden = chunk.decoder(
-        hidden_states=hidden,
-        attention_mask=inputs.attention_mask,
-        rotary_pos_emb=inputs.rotary,
-        inference_context=inputs.inference_context,
-    )
+    with _layer_outputs_edited(chunk, inputs.after_layer):
+        hidden = chunk.decoder(
+            hidden_states=hidden,
+            attention_mask=inputs.attention_mask,
+            rotary_pos_emb=inputs.rotary,
+            inference_context=inputs.inference_context,
+        )
     if not chunk.post_process:
         return hidden
     if inputs.keep is not None:

@@ -45,3 +45,12 @@ def load_weights(
             show_progress=is_rank0() and logging.is_progress_bar_enabled(),
         )
     return bound
+
+
+def checkpoint_tensor_names(folder: str, variant: Optional[str]) -> Optional[set[str]]:
+    """The HF tensor names of the checkpoint in `folder` (for a distributed checkpoint: those it was converted
+    from; None when it does not record them)."""
+    if distributed.is_distributed_checkpoint(folder) and not distributed.has_hf_weights(folder, variant):
+        return distributed.saved_hf_names(folder)
+    with CheckpointReader(folder, variant) as reader:
+        return set(reader.names())

@@ -33,7 +33,12 @@ from ..conversion.rules import InMemorySource, ShardLayout, VocabColumn
 from ..errors import MCoreTransformersError
 from .lockstep import sampling_in_lockstep
 
-INPUT_EMBEDDINGS = "model.embed_tokens.weight"  # the HF name every family's embedding rule uses
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"  # megatron's name of the input embedding
+
+
+def input_name(model) -> str:
+    """The HF name of the input embedding (`model.embed_tokens.weight`, or where a multimodal checkpoint nests it)."""
+    return next(rule.hf[0] for rule in model.arch.rules() if rule.mcore == WORD_EMBEDDINGS)
 
 
 class FullVocabWeight(torch.Tensor):
@@ -66,11 +71,11 @@ class VocabView(nn.Module):
 
     @property
     def num_embeddings(self) -> int:
-        return self._model.config.vocab_size
+        return self._model.language_config.vocab_size
 
     @property
     def embedding_dim(self) -> int:
-        return self._model.config.hidden_size
+        return self._model.language_config.hidden_size
 
     out_features = num_embeddings
     in_features = embedding_dim
@@ -114,8 +119,8 @@ def vocab_items(model, hf_name: str) -> list[BoundParam]:
 def output_name(model) -> Optional[str]:
     """The HF name of the LM head's rows: the embedding's when tied, else the head's own (None: no head)."""
     if model.arch.tie_word_embeddings:
-        return INPUT_EMBEDDINGS
-    heads = [rule.hf[0] for rule in model.arch.rules() if isinstance(rule, VocabColumn) and rule.hf[0] != INPUT_EMBEDDINGS]
+        return input_name(model)
+    heads = [rule.hf[0] for rule in model.arch.rules() if isinstance(rule, VocabColumn) and rule.hf[0] != input_name(model)]
     return heads[0] if heads else None
 
 
@@ -138,7 +143,7 @@ def gather_vocab(model, hf_name: str, source_stage: int) -> torch.Tensor:
     source = ranks[source_stage]
     if full is None or dist.get_rank() != source:
         param = next(p for p in model.parameters())
-        full = torch.empty(model.config.vocab_size, model.config.hidden_size, dtype=param.dtype, device=param.device)
+        full = torch.empty(model.language_config.vocab_size, model.language_config.hidden_size, dtype=param.dtype, device=param.device)
     else:
         full = full.detach().clone()
     dist.broadcast(full, src=source, group=group)
@@ -158,11 +163,12 @@ def resize_vocabulary(model, new_num_tokens: Optional[int], pad_to_multiple_of: 
     """Collective over the world: grow or shrink the vocabulary as transformers would; returns the new size."""
     from transformers import PreTrainedModel
 
-    config = model.config
+    config = model.language_config
     old_size, hidden = config.vocab_size, config.hidden_size
+    embeddings_name = input_name(model)
     head = output_name(model)
-    embeddings = gather_vocab(model, INPUT_EMBEDDINGS, 0)
-    lm_head = gather_vocab(model, head, -1) if head is not None and head != INPUT_EMBEDDINGS else embeddings
+    embeddings = gather_vocab(model, embeddings_name, 0)
+    lm_head = gather_vocab(model, head, -1) if head is not None and head != embeddings_name else embeddings
     old_embeddings = _embedding(embeddings, old_size, hidden)
     with sampling_in_lockstep(dist.group.WORLD if _several_ranks() else None):
         # transformers' own arithmetic and random draws, in its order (embeddings, then the head even when tied).
@@ -180,14 +186,14 @@ def resize_vocabulary(model, new_num_tokens: Optional[int], pad_to_multiple_of: 
     layout = model.shard_layout
     tp = layout.tp_size
     model.shard_layout = replace(layout, vocab_size=new_size, padded_vocab_size=-(-new_size // tp) * tp)
-    tensors = {INPUT_EMBEDDINGS: new_embeddings.weight.data}
-    if new_head is not None and head != INPUT_EMBEDDINGS:
+    tensors = {embeddings_name: new_embeddings.weight.data}
+    if new_head is not None and head != embeddings_name:
         tensors[head] = new_head.weight.data
     for name, tensor in tensors.items():
         for item in vocab_items(model, name):
             _replace_shard(item, item.rule.load(InMemorySource({name: tensor}), (name,), model.shard_layout))
     _resize_modules(model, model.shard_layout)
-    config.get_text_config().vocab_size = new_size
+    config.vocab_size = new_size
     model._plan = None
     return new_size
 

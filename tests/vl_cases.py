@@ -1,0 +1,128 @@
+"""Tiny vision-language checkpoints written by transformers, and the batches the multimodal tests feed them.
+
+Inputs are built directly as transformers' processors return them (torchvision, which the fast processors need,
+does not import beside the CPU torch here): `pixel_values` `[patches, channels · temporal_patch · patch²]`, one
+grid `(t, h, w)` per image or video, and one placeholder token per merged patch between vision start / end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+VOCAB = 320
+IMAGE, VIDEO, START, END, PAD = 300, 301, 302, 303, 0
+PATCH, TEMPORAL, MERGE, CHANNELS = 4, 2, 2, 3
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
+def _text_config(**extra) -> dict:
+    return dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+        pad_token_id=PAD, **extra,
+    )
+
+
+def make_config(family: str):
+    tokens = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=PATCH,
+        temporal_patch_size=TEMPORAL, spatial_merge_size=MERGE, in_channels=CHANNELS,
+    )
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        text = _text_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        vision.update(window_size=16, fullatt_block_indexes=[1], tokens_per_second=2)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        text = _text_config(rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+        })
+        vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
+    raise ValueError(family)
+
+
+def make_checkpoint(family: str, folder: str, seed: int = 0) -> str:
+    """A random tiny model of `family` saved by transformers (fp32) in `folder`."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(make_config(family), dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the init's, so that differences show in the logits
+        for param in model.parameters():
+            param.normal_(0.0, 0.08)
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _pixels(grids: list[tuple[int, int, int]], generator: torch.Generator) -> torch.Tensor:
+    patches = sum(t * h * w for t, h, w in grids)
+    return torch.randn(patches, CHANNELS * TEMPORAL * PATCH * PATCH, generator=generator)
+
+
+def _placeholders(grid: tuple[int, int, int], token: int) -> list[int]:
+    t, h, w = grid
+    return [START] + [token] * (t * h * w // MERGE**2) + [END]
+
+
+def image_batch(seed: int = 1) -> dict:
+    """Two prompts, left-padded: the first with two images of different sizes, the second with one."""
+    generator = torch.Generator().manual_seed(seed)
+    grids = [(1, 4, 4), (1, 2, 6), (1, 4, 2)]
+    rows = [
+        [5, 6] + _placeholders(grids[0], IMAGE) + [7, 8, 9] + _placeholders(grids[1], IMAGE) + [10, 11],
+        [12] + _placeholders(grids[2], IMAGE) + [13, 14, 15],
+    ]
+    return _batch(rows, generator, images=grids)
+
+
+def video_batch(family: str, seed: int = 2) -> dict:
+    """One prompt with a two-frame video (and one with text only, padded). Qwen3-VL's processor writes each
+    frame as its own block after a timestamp; Qwen2.5-VL's the whole video as one."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = (2, 4, 4)
+    if family == "qwen3_vl":
+        frame = (1, 4, 4)
+        video = [40] + _placeholders(frame, VIDEO) + [41] + _placeholders(frame, VIDEO)
+    else:
+        video = _placeholders(grid, VIDEO)
+    rows = [[20, 21] + video + [22, 23], [24, 25, 26, 27]]
+    batch = _batch(rows, generator, videos=[grid])
+    batch["second_per_grid_ts"] = torch.tensor([1.0])
+    return batch
+
+
+def text_batch() -> dict:
+    rows = [[30, 31, 32, 33, 34, 35], [36, 37, 38]]
+    return _batch(rows, torch.Generator().manual_seed(3))
+
+
+def _batch(rows, generator, images=(), videos=()) -> dict:
+    length = max(len(row) for row in rows)
+    input_ids = torch.tensor([[PAD] * (length - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows])
+    types = torch.zeros_like(input_ids, dtype=torch.int)
+    types[input_ids == IMAGE] = 1
+    types[input_ids == VIDEO] = 2
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": types}
+    if images:
+        batch["pixel_values"] = _pixels(list(images), generator)
+        batch["image_grid_thw"] = torch.tensor(images)
+    if videos:
+        batch["pixel_values_videos"] = _pixels(list(videos), generator)
+        batch["video_grid_thw"] = torch.tensor(videos)
+    return batch
+
+
+def labels_for(batch: dict) -> torch.Tensor:
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    labels[(labels == IMAGE) | (labels == VIDEO)] = -100
+    return labels
