@@ -14,7 +14,7 @@ import torch
 VOCAB = 320
 IMAGE, VIDEO, START, END, PAD = 300, 301, 302, 303, 0
 PATCH, TEMPORAL, MERGE, CHANNELS = 4, 2, 2, 3
-FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def _text_config(**extra) -> dict:
@@ -37,14 +37,19 @@ def make_config(family: str):
         text = _text_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
         vision.update(window_size=16, fullatt_block_indexes=[1], tokens_per_second=2)
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
-        text = _text_config(rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
-        })
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
         vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
+        if family == "qwen3_vl":
+            text = _text_config(rope_parameters=rope)
+            return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
+        text = _text_config(
+            rope_parameters=rope, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+            decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+        )
+        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
     raise ValueError(family)
 
 
@@ -88,7 +93,7 @@ def video_batch(family: str, seed: int = 2) -> dict:
     frame as its own block after a timestamp; Qwen2.5-VL's the whole video as one."""
     generator = torch.Generator().manual_seed(seed)
     grid = (2, 4, 4)
-    if family == "qwen3_vl":
+    if family != "qwen2_5_vl":
         frame = (1, 4, 4)
         video = [40] + _placeholders(frame, VIDEO) + [41] + _placeholders(frame, VIDEO)
     else:

@@ -6,10 +6,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..conversion.rules import ExpertStack, GateUpRows, IfLastDim, OneOf, Row, Rule, TransposedGateUpRows, TransposedRow
 from ..errors import UnsupportedModelError
-from .base import register
+from .base import HF_LAYER, register
 from .qwen2 import Qwen2
 from .qwen3 import Qwen3
+from .qwen3_moe import Qwen3Moe
 
 
 def _sections(hf, default: Sequence[int], rotary_dim: int) -> list[int]:
@@ -50,3 +52,31 @@ class Qwen3VLText(Qwen3):
 
     def rotary_components(self) -> Optional[torch.Tensor]:
         return interleaved_components(_sections(self.hf, (24, 20, 20), self.head_dim))
+
+
+@register
+class Qwen3VLMoeText(Qwen3Moe, Qwen3VLText):
+    """Qwen3-VL-MoE's language model: Qwen3-MoE routing (always renormalised), experts stacked, transposed in the
+    hub's files (`experts.gate_up_proj` [E, hidden, 2·I], `experts.down_proj` [E, I, hidden])."""
+
+    model_types = ("qwen3_vl_moe_text",)
+
+    def normalize_top_k(self) -> bool:
+        return True
+
+    def expert_rules(self, expert: str, hf_expert: str) -> list[Rule]:
+        # transformers' own saves keep its in-memory layout ([E, 2·I, hidden], [E, hidden, I]); it tells the two
+        # apart by shape, taking its own layout when the shape fits it (also when square): so do these rules.
+        fc1, fc2 = expert + "linear_fc1.weight", expert + "linear_fc2.weight"
+        stacked = HF_LAYER + self.hf_stacked_moe + "experts."
+        gate_up, down = stacked + "gate_up_proj", stacked + "down_proj"
+        return [
+            OneOf(
+                ExpertStack(IfLastDim(GateUpRows(fc1, gate_up), self.hf.hidden_size)),
+                ExpertStack(TransposedGateUpRows(fc1, gate_up)),
+            ),
+            OneOf(
+                ExpertStack(IfLastDim(Row(fc2, down), self.moe_intermediate_size())),
+                ExpertStack(TransposedRow(fc2, down)),
+            ),
+        ]

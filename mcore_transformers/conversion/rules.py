@@ -112,6 +112,11 @@ class Rule:
         """The rule for the checkpoint at hand (`available`: its tensor names, or None when unknown)."""
         return self
 
+    def fits(self, available, hf_names: Sequence[str]) -> bool:
+        """Whether a checkpoint (`available`: its names, or a reader that also knows shapes) stores these tensors
+        the way this rule reads them."""
+        return all(name in available for name in hf_names)
+
     def view(self, source: TensorSource, expert: Optional[int]) -> TensorSource:
         """What `load` reads from: the checkpoint itself, or (stacked experts) one expert's slices of it."""
         return source
@@ -260,6 +265,19 @@ class GateUpRows(Rule):
         return (torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0),)
 
 
+class TransposedGateUpRows(GateUpRows):
+    """`GateUpRows` of an HF tensor stored [in, gate then up] (Qwen3-VL-MoE's experts on disk)."""
+
+    def load(self, source, hf_names, layout):
+        tensor = source.read(hf_names[0]).transpose(0, 1)
+        half = tensor.shape[0] // 2
+        start, stop = _range(half, layout)
+        return torch.cat([tensor[start:stop], tensor[half + start : half + stop]], 0).contiguous()
+
+    def export(self, shards, layout):
+        return (super().export(shards, layout)[0].transpose(0, 1).contiguous(),)
+
+
 class InterleavedGateUp(Rule):
     """mcore `linear_fc1` (weight or bias) ↔ one HF tensor whose gate and up alternate along the
     output features (gate at even, up at odd positions), stored [in, out] when `transposed` (GPT-OSS)."""
@@ -335,6 +353,9 @@ class Expert(Rule):
     def shard_count(self, layout):
         return self.inner.shard_count(layout.for_experts())
 
+    def fits(self, available, hf_names):
+        return self.inner.fits(available, hf_names)
+
     def load(self, source, hf_names, layout):
         return self.inner.load(source, hf_names, layout.for_experts())
 
@@ -380,6 +401,32 @@ class _ExpertSlice:
         return tensor.narrow(dim, start, (stop if stop is not None else tensor.shape[dim]) - start)
 
 
+class IfLastDim(Rule):
+    """`inner`, for a checkpoint whose tensors end in a dimension of `size`: transformers keeps some tensors under
+    one name in two layouts and tells them apart by shape (Qwen3-VL-MoE's experts, transposed on the hub's files,
+    as held in memory in transformers' own saves). In a `OneOf`, before the other layout's rule."""
+
+    def __init__(self, inner: Rule, size: int):
+        super().__init__(inner.mcore, inner.hf, inner.tp_dim, inner.exported)
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "size", size)
+
+    def fits(self, available, hf_names):
+        if not self.inner.fits(available, hf_names):
+            return False
+        shape = getattr(available, "shape", None)  # names alone (a distributed checkpoint's record): this layout
+        return shape is None or all(shape(name)[-1] == self.size for name in hf_names)
+
+    def shard_count(self, layout):
+        return self.inner.shard_count(layout)
+
+    def load(self, source, hf_names, layout):
+        return self.inner.load(source, hf_names, layout)
+
+    def export(self, shards, layout):
+        return self.inner.export(shards, layout)
+
+
 class OneOf(Rule):
     """One parameter that checkpoints store in different layouts (e.g. per-expert or stacked experts).
 
@@ -396,7 +443,7 @@ class OneOf(Rule):
     def resolve(self, layer, expert, available):
         if available is not None:
             for rule in self.alternatives:
-                if all(name in available for name in rule.names(layer, expert)[1]):
+                if rule.fits(available, rule.names(layer, expert)[1]):
                     return rule
         return self.alternatives[0]
 
@@ -406,7 +453,7 @@ def with_hf_names(rule: Rule, rename: Callable[[str], str]) -> Rule:
     bigger checkpoint (a vision-language model keeps it under `model.language_model.`)."""
     renamed = copy.copy(rule)
     object.__setattr__(renamed, "hf", tuple(rename(name) for name in rule.hf))
-    if isinstance(rule, Expert):
+    if isinstance(rule, (Expert, IfLastDim)):
         object.__setattr__(renamed, "inner", with_hf_names(rule.inner, rename))
     if isinstance(rule, OneOf):
         object.__setattr__(renamed, "alternatives", tuple(with_hf_names(alt, rename) for alt in rule.alternatives))

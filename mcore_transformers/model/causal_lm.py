@@ -392,7 +392,7 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         # transformers' MoE load-balancing loss (config.output_router_logits): routers' logits recorded.
         output_router_logits = kwargs.pop("output_router_logits", None)
         if output_router_logits is None:
-            output_router_logits = getattr(self.config, "output_router_logits", False)
+            output_router_logits = getattr(self.language_config, "output_router_logits", False)
         aux_spec = self.arch.router_aux_loss() if output_router_logits else None
         recording = recording_router_logits(self.chunks) if aux_spec is not None else contextlib.nullcontext([])
         hidden_recording = contextlib.nullcontext(None)

@@ -52,7 +52,7 @@ def _register(family: VisionLanguageFamily) -> None:
 
 
 _register(VisionLanguageFamily(("qwen2_5_vl",), video_seconds=True))
-_register(VisionLanguageFamily(("qwen3_vl",), frames_apart=True, deepstack=True))
+_register(VisionLanguageFamily(("qwen3_vl", "qwen3_vl_moe"), frames_apart=True, deepstack=True))
 
 
 def get_family(config: PretrainedConfig) -> VisionLanguageFamily:
@@ -83,8 +83,9 @@ class VisionLanguageArchitecture:
 def language_architecture(config: PretrainedConfig, nested: bool) -> DecoderArchitecture:
     """The language model's architecture under the checkpoint's names (`nested`: transformers 5's layout)."""
     rename = (lambda name: NESTED + name[len("model."):] if name.startswith("model.") else name) if nested else None
+    tied = getattr(config, "tie_word_embeddings", None)
     return get_architecture(
-        config.text_config, hf_rename=rename, tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False))
+        config.text_config, hf_rename=rename, tie_word_embeddings=None if tied is None else bool(tied)
     )
 
 
