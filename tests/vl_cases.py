@@ -131,3 +131,46 @@ def labels_for(batch: dict) -> torch.Tensor:
     labels[batch["attention_mask"] == 0] = -100
     labels[(labels == IMAGE) | (labels == VIDEO)] = -100
     return labels
+
+
+def batches(family: str) -> dict[str, dict]:
+    return {"image": image_batch(), "video": video_batch(family), "text": text_batch()}
+
+
+def _rewrite(source: str, target: str, change) -> str:
+    """A copy of the checkpoint in `source` whose tensors `change(name, tensor)` renames / reshapes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = load_file(os.path.join(source, "model.safetensors"))
+    save_file(dict(change(name, tensor) for name, tensor in tensors.items()),
+              os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def make_flat_variant(source: str, target: str) -> str:
+    """transformers 4's key layout (most Qwen2.5-VL checkpoints on the hub): `model.*` and `visual.*`."""
+    def rename(name, tensor):
+        name = name.replace("model.language_model.", "model.", 1)
+        return name.replace("model.visual.", "visual.", 1), tensor
+
+    return _rewrite(source, target, rename)
+
+
+def make_hub_moe_variant(source: str, target: str) -> str:
+    """Qwen3-VL-MoE experts as the hub's files store them: transposed ([E, hidden, 2·I], [E, I, hidden])."""
+    def transpose(name, tensor):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensor = tensor.transpose(1, 2).contiguous()
+        return name, tensor
+
+    return _rewrite(source, target, transpose)
+
+
+def build_checkpoints(root: str) -> None:
+    for family in FAMILIES:
+        make_checkpoint(family, os.path.join(root, family))
+    make_flat_variant(os.path.join(root, "qwen2_5_vl"), os.path.join(root, "qwen2_5_vl-flat"))
+    make_hub_moe_variant(os.path.join(root, "qwen3_vl_moe"), os.path.join(root, "qwen3_vl_moe-hub"))
