@@ -25,12 +25,13 @@ import vl_cases as V  # noqa: E402
 MODELS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # layout name: (from_pretrained keywords, checkpoints)
 RUNS = {
-    "tp1": ({}, MODELS + ("qwen2_5_vl-flat", "qwen3_vl_moe-hub")),
+    "tp1": ({}, MODELS + ("qwen2_5_vl-nested", "qwen3_vl_moe-hub")),
     "tp2-sp": ({"tp": 2, "sequence_parallel": True}, MODELS),
     "pp2": ({"pp": 2}, MODELS),
     "ep2": ({"ep": 2}, ("qwen3_vl_moe",)),
 }
 NEW_TOKENS = 5
+LORA_LAYOUTS = ("tp1", "tp2-sp")  # HF peft adapters on the language model, loaded with stock peft
 
 
 def family_of(name: str) -> str:
@@ -51,6 +52,12 @@ def run(layout: str, name: str, root: str, out: str) -> None:
         record["loss"][batch_name] = output.loss
     record["generated"] = model.generate(**V.image_batch(), max_new_tokens=NEW_TOKENS, do_sample=False)
     model.save_pretrained(os.path.join(out, layout, name))
+    adapter = os.path.join(root, f"{name}-adapter")
+    if layout in LORA_LAYOUTS and os.path.isdir(adapter):
+        from peft import PeftModel
+
+        with torch.no_grad():
+            record["lora_logits"] = PeftModel.from_pretrained(model, adapter)(**V.image_batch()).logits
     if rank == 0:
         torch.save(record, os.path.join(out, layout, f"{name}.pt"))
     elif rank == 1:

@@ -6,7 +6,8 @@ parallelism, pp=2 and (MoE) ep=2; these tests compare what it recorded with tran
 different sizes, a video (one block, or one block per frame for Qwen3-VL) beside a text-only row, and a
 text-only batch. Logits within 1e-4 on every real token, losses within 1e-5, greedy generate with images
 token-identical, and `save_pretrained` gives back every source tensor bit for bit under its source name
-(transformers 5's nesting, transformers 4's flat layout, the hub's transposed MoE experts, each kept).
+(Qwen2.5-VL's flat files and the nested module layout, the hub's transposed MoE experts, each kept). An HF
+peft adapter on the language model gives PeftModel's logits.
 Bad input is refused with the cause before any output.
 """
 
@@ -110,6 +111,24 @@ def test_save_pretrained_gives_back_the_source_bit_for_bit(launched, root, layou
     assert sorted(saved) == sorted(source)
     different = [key for key in source if not torch.equal(saved[key], source[key])]
     assert not different, f"{layout}/{name}: {different[:5]} differ from the source"
+
+
+@pytest.mark.parametrize("layout", W.LORA_LAYOUTS)
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_an_hf_lora_adapter_gives_peft_logits(launched, root, layout, name):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    ours = result(launched, layout, name)["lora_logits"]
+    base = AutoModelForImageTextToText.from_pretrained(os.path.join(root, name), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, os.path.join(root, f"{name}-adapter")).eval()
+    batch = V.image_batch()
+    with torch.no_grad():
+        ref = model(**batch).logits
+    without = reference(root, name)["logits"]["image"]
+    real = batch["attention_mask"].bool()
+    assert (ref - without)[real].abs().max() > 1e-2, "the adapter must change the logits for this test to mean anything"
+    assert (ours - ref)[real].abs().max().item() <= 1e-4
 
 
 def test_the_saved_folder_loads_in_transformers_with_the_same_logits(launched, root):

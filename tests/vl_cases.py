@@ -150,11 +150,15 @@ def _rewrite(source: str, target: str, change) -> str:
     return target
 
 
-def make_flat_variant(source: str, target: str) -> str:
-    """transformers 4's key layout (most Qwen2.5-VL checkpoints on the hub): `model.*` and `visual.*`."""
+def make_nested_variant(source: str, target: str) -> str:
+    """Qwen2.5-VL under transformers 5's module names (`model.language_model.*`, `model.visual.*`); its own files
+    (and transformers 5's saves of it) keep the flat `model.*` / `visual.*` layout. transformers reads both."""
     def rename(name, tensor):
-        name = name.replace("model.language_model.", "model.", 1)
-        return name.replace("model.visual.", "visual.", 1), tensor
+        if name.startswith("visual."):
+            return "model." + name, tensor
+        if name.startswith("model."):
+            return "model.language_model." + name[len("model."):], tensor
+        return name, tensor
 
     return _rewrite(source, target, rename)
 
@@ -169,8 +173,25 @@ def make_hub_moe_variant(source: str, target: str) -> str:
     return _rewrite(source, target, transpose)
 
 
+LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)"
+
+
+def make_adapter(source: str, target: str, seed: int = 5) -> str:
+    """An HF peft LoRA adapter (non-zero B) on the language model's projections, saved by peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    base = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(target)
+    return target
+
+
 def build_checkpoints(root: str) -> None:
     for family in FAMILIES:
         make_checkpoint(family, os.path.join(root, family))
-    make_flat_variant(os.path.join(root, "qwen2_5_vl"), os.path.join(root, "qwen2_5_vl-flat"))
+    make_nested_variant(os.path.join(root, "qwen2_5_vl"), os.path.join(root, "qwen2_5_vl-nested"))
     make_hub_moe_variant(os.path.join(root, "qwen3_vl_moe"), os.path.join(root, "qwen3_vl_moe-hub"))
+    for family in ("qwen2_5_vl", "qwen3_vl"):
+        make_adapter(os.path.join(root, family), os.path.join(root, f"{family}-adapter"))

@@ -231,6 +231,11 @@ class DecoderArchitecture:
         inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.hf, torch.device("cpu"))
         return inv_freq, float(attention_scaling)
 
+    def module_path(self, tensor_path: str) -> str:
+        """The module path transformers' model has for a tensor path of the checkpoint (they differ where a
+        checkpoint keeps an older layout than transformers' modules: peft names LoRA targets by module path)."""
+        return tensor_path
+
     # ---- weight rules ------------------------------------------------------------------------
     def rules(self) -> list[Rule]:
         rules = self.embedding_rules() + self.layer_rules()

@@ -16,9 +16,9 @@ from ..conversion.rules import Rule
 from ..errors import UnsupportedModelError
 from .positions import PositionRules
 
-# transformers 5 nests the language model and the tower under `model.`; checkpoints written by transformers 4
-# (most of the hub's Qwen2.5-VL) keep the language model at `model.*` and the tower at `visual.*`. transformers
-# 5 reads both; a model saves back the layout it was loaded from.
+# transformers 5's modules nest the language model and the tower under `model.`, and Qwen3-VL's files do too;
+# Qwen2.5-VL's files keep transformers 4's layout (language model at `model.*`, tower at `visual.*`), which
+# transformers 5 still writes for it. Both are read; a model saves back the layout it was loaded from.
 NESTED = "model.language_model."
 NESTED_VISUAL, FLAT_VISUAL = "model.visual.", "visual."
 
@@ -75,6 +75,14 @@ class VisionLanguageArchitecture:
 
     def rules(self) -> list[Rule]:
         return self.text.rules() + self.tower_rules
+
+    def module_path(self, tensor_path: str) -> str:
+        """transformers 5's modules nest the language model whatever layout the files keep."""
+        if tensor_path.startswith("model.") and not tensor_path.startswith((NESTED, NESTED_VISUAL)):
+            return NESTED + tensor_path[len("model."):]
+        if tensor_path.startswith(FLAT_VISUAL):
+            return NESTED_VISUAL + tensor_path[len(FLAT_VISUAL):]
+        return tensor_path
 
     def __getattr__(self, name: str):
         return getattr(self.text, name)

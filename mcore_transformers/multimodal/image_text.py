@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..errors import LayoutError
+from ..errors import AdapterError, LayoutError
 from ..model.building import BuiltModel, build_model
 from ..model.cache import MCoreKVCache
 from ..model.causal_lm import MCoreModelForCausalLM
@@ -73,7 +73,16 @@ class MCoreModelForImageTextToText(MCoreModelForCausalLM):
 
     # ---- forward -------------------------------------------------------------------------------
     def _tower(self) -> Optional[nn.Module]:
-        return getattr(self.chunks[0], VISION_MODULE, None)
+        tower = getattr(self.chunks[0], VISION_MODULE, None)
+        if tower is not None and any(hasattr(module, "lora_A") for module in tower.modules()):
+            # peft matched tower modules by name (e.g. Qwen2.5-VL's vision MLP is gate/up/down_proj too): they sit
+            # under the chunks here, not at transformers' `model.visual.*`, so the adapter could not be saved.
+            raise AdapterError(
+                "LoRA on the vision tower is not supported yet: the adapter's target_modules also matched vision "
+                "layers. Restrict them to the language model, e.g. target_modules="
+                r"r'.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'."
+            )
+        return tower
 
     def _media(
         self, input_ids: torch.Tensor, pixels: Optional[torch.Tensor], grid: Optional[torch.Tensor], token_id: int,

@@ -155,7 +155,9 @@ def attach(model: nn.Module) -> LoraView:
         try:
             if placed is None:
                 raise ValueError(NO_PER_EXPERT_NAMES)
-            projections = derive_projections(placed, layout)
+            projections = [
+                replace(p, path=model.arch.module_path(p.path)) for p in derive_projections(placed, layout)
+            ]
         except (ValueError, RuntimeError, NotImplementedError) as err:
             kind, unsupported = None, f"LoRA placement for {item.rule.mcore} could not be derived from its rule: {err}"
             projections = []
