@@ -8,6 +8,7 @@ import os
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mcore_transformers")
 TOP = ("tools", "training")  # wings that may import everything below them, and that nothing below imports
+MODALITIES = ("multimodal",)  # beside the text model: built on the runtime, which never imports them
 BELOW = ("model", "conversion", "runtime", "architectures", "peft")
 
 
@@ -50,7 +51,7 @@ def _graph() -> dict[str, set[str]]:
 
 def _wing(module: str) -> str:
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in TOP + BELOW) else ""
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in TOP + MODALITIES + BELOW) else ""
 
 
 def test_no_import_circles():
@@ -88,3 +89,11 @@ def test_runtime_does_not_import_tools_or_training():
     wrong = [(module, target) for module, targets in _graph().items() for target in targets
              if _wing(module) in BELOW and _wing(target) in TOP]
     assert wrong == [], f"the runtime imports a wing on top of it: {wrong}"
+
+
+def test_the_runtime_does_not_import_a_modality_and_modalities_do_not_import_tools():
+    graph = _graph()
+    wrong = [(module, target) for module, targets in graph.items() for target in targets
+             if (_wing(module) in BELOW and _wing(target) in MODALITIES)
+             or (_wing(module) in MODALITIES and _wing(target) in TOP)]
+    assert wrong == [], f"imports against the direction runtime ← modality ← tools: {wrong}"

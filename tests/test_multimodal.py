@@ -194,3 +194,17 @@ def test_unsupported_families_and_layouts_are_refused(root, qwen3_vl):
 
     with pytest.raises(LayoutError, match="deepstack features go into the first 2"):
         Cls._build(arch, ParallelConfig(pp=2, vpp=2), torch.float32)
+
+
+def test_verify_checks_a_vision_language_checkpoint_with_a_synthetic_image(root, qwen3_vl):
+    from mcore_transformers import verify
+
+    report = verify(os.path.join(root, "qwen3_vl"), model=qwen3_vl)
+    assert report.passed and report.model_type == "qwen3_vl" and report.max_abs_logit_diff <= 1e-4
+
+
+def test_the_example_generates_what_transformers_generates_at_tp2(tmp_path):
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "vl_generate.py")
+    env = launching.worker_env(VL_EXAMPLE_FOLDER=str(tmp_path / "tiny-qwen3-vl"))
+    code, log = launching.launch(example, ["--tp", "2"], 2, LAUNCH_TIMEOUT_S, str(tmp_path / "example.log"), env=env)
+    assert code == 0 and "transformers generates the same tokens: True" in log, log[-4000:]

@@ -221,16 +221,20 @@ def verify(
     """
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from ..model.causal_lm import MCoreModelForCausalLM
+    from ..multimodal.image_text import MCoreModelForImageTextToText
 
     dtype = _dtype(dtype)
     timings: dict[str, float] = {}
     reference = path  # a model passed in may come from elsewhere (e.g. a distributed checkpoint of `path`)
+    config = model.config if model is not None else AutoConfig.from_pretrained(path)
+    multimodal = getattr(config, "vision_config", None) is not None  # checked with a synthetic image
+    mcore_class = MCoreModelForImageTextToText if multimodal else MCoreModelForCausalLM
     if model is None:
         start = time.perf_counter()
-        model = MCoreModelForCausalLM.from_pretrained(
+        model = mcore_class.from_pretrained(
             path, tp=tp, pp=pp, vpp=vpp, ep=ep, sequence_parallel=sequence_parallel, dtype=dtype
         )
         timings["load mcore"] = time.perf_counter() - start
@@ -239,12 +243,19 @@ def verify(
         raise ValueError(f"The model passed is {model.dtype}, but dtype={dtype} was asked for.")
     layout = model.layout
     config = model.config
-    pad = config.pad_token_id if isinstance(getattr(config, "pad_token_id", None), int) else 0
-    input_ids, attention_mask, position_ids, labels = make_inputs(batch_size, seq_len, config.vocab_size, pad, seed)
+    text = model.language_config
+    pad = text.pad_token_id if isinstance(getattr(text, "pad_token_id", None), int) else 0
+    input_ids, attention_mask, position_ids, labels = make_inputs(batch_size, seq_len, text.vocab_size, pad, seed)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+    if multimodal:  # the model computes its multimodal positions itself, as transformers' does
+        from ..multimodal.synthetic import add_synthetic_image
+
+        inputs.pop("position_ids")
+        inputs = add_synthetic_image(config, inputs, seed)
 
     start = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+        out = model(**inputs)
     timings["forward mcore"] = time.perf_counter() - start
     max_rank_diff = _max_rank_diff(out.logits)  # on the model's device (NCCL needs GPU tensors)
     mcore_logits = out.logits.detach().float().cpu()
@@ -256,10 +267,8 @@ def verify(
 
     if is_rank0():
         try:
-            result[0] = _compare_with_hf(
-                AutoModelForCausalLM, reference, dtype, input_ids, attention_mask, position_ids,
-                labels, mcore_logits, out.loss, timings,
-            )
+            auto_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+            result[0] = _compare_with_hf(auto_class, reference, dtype, inputs, mcore_logits, out.loss, timings)
         except Exception as err:  # re-raised on every rank, so no rank waits forever
             result[0] = err if _picklable(err) else RuntimeError(f"{type(err).__name__}: {err}")
     if _world() > 1:
@@ -291,9 +300,7 @@ def verify(
     return report
 
 
-def _compare_with_hf(
-    auto_cls, folder, dtype, input_ids, attention_mask, position_ids, labels, mcore_logits, mcore_loss, timings
-):
+def _compare_with_hf(auto_cls, folder, dtype, inputs, mcore_logits, mcore_loss, timings):
     """Rank 0: load the transformers model, run it on the same batch, measure the differences."""
     import torch
 
@@ -313,15 +320,14 @@ def _compare_with_hf(
     timings["load transformers"] = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():
-        ref = hf(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                 position_ids=position_ids.to(device), labels=labels.to(device))
+        ref = hf(**{name: tensor.to(device) for name, tensor in inputs.items()})
     timings["forward transformers"] = time.perf_counter() - start
     hf_logits = ref.logits.detach().float().cpu()
     if hf_logits.shape != mcore_logits.shape:
         raise RuntimeError(
             f"Logits shapes differ: mcore {list(mcore_logits.shape)}, transformers {list(hf_logits.shape)}."
         )
-    valid = attention_mask.bool()
+    valid = inputs["attention_mask"].bool()
     a, b = mcore_logits[valid], hf_logits[valid]  # [tokens, vocab]
     diff = (a - b).abs()
     hf_loss = float(ref.loss.float().item())
