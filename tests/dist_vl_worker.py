@@ -64,6 +64,29 @@ def run(layout: str, name: str, root: str, out: str) -> None:
         torch.save(record["logits"], os.path.join(out, layout, f"{name}.rank1.pt"))
 
 
+TRAIN = {"tp2-sp": "qwen3_vl", "pp2": "qwen3_vl"}  # layout: checkpoint fine-tuned with MCoreTrainer
+
+
+def train(layout: str, name: str, root: str, out: str) -> None:
+    """Three MCoreTrainer steps on image-text pairs (pp2: two micro-batches, each with its own rows' images)."""
+    import json
+
+    from mcore_transformers import MCoreModelForImageTextToText
+    from mcore_transformers.training import MCoreTrainer
+
+    keywords, _ = RUNS[layout]
+    model = MCoreModelForImageTextToText.from_pretrained(os.path.join(root, name), dtype=torch.float32, **keywords)
+    options = {"micro_batch_size": 1} if keywords.get("pp", 1) > 1 else {}
+    trainer = MCoreTrainer(
+        model=model, args=V.training_arguments(os.path.join(out, layout, "train")), train_dataset=V.training_rows(),
+        data_collator=V.collate, **options,
+    )
+    trainer.train()
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, layout, f"{name}.train.json"), "w") as f:
+            json.dump(V.loss_history(trainer), f)
+
+
 def main() -> None:
     root, out = sys.argv[1], sys.argv[2]
     from mcore_transformers.runtime import destroy_parallel_state
@@ -75,6 +98,13 @@ def main() -> None:
                 run(layout, name, root, out)
             except Exception:
                 with open(os.path.join(out, layout, f"{name}.crash{dist.get_rank() if dist.is_initialized() else 0}"), "w") as f:
+                    f.write(traceback.format_exc())
+            destroy_parallel_state()
+        if layout in TRAIN:
+            try:
+                train(layout, TRAIN[layout], root, out)
+            except Exception:
+                with open(os.path.join(out, layout, f"train.crash{dist.get_rank() if dist.is_initialized() else 0}"), "w") as f:
                     f.write(traceback.format_exc())
             destroy_parallel_state()
 

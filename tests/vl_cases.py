@@ -195,3 +195,54 @@ def build_checkpoints(root: str) -> None:
     make_hub_moe_variant(os.path.join(root, "qwen3_vl_moe"), os.path.join(root, "qwen3_vl_moe-hub"))
     for family in ("qwen2_5_vl", "qwen3_vl"):
         make_adapter(os.path.join(root, family), os.path.join(root, f"{family}-adapter"))
+
+
+def training_rows(count: int = 6, seed: int = 7) -> list[dict]:
+    """Image-text examples for fine-tuning: a prompt with one image (sizes vary), the answer's tokens in labels."""
+    generator = torch.Generator().manual_seed(seed)
+    grids = [(1, 4, 4), (1, 2, 6), (1, 4, 2), (1, 2, 2)]
+    rows = []
+    for index in range(count):
+        grid = grids[index % len(grids)]
+        prompt = [int(t) for t in torch.randint(4, 290, (2 + index % 3,), generator=generator)]
+        answer = [int(t) for t in torch.randint(4, 290, (5,), generator=generator)]
+        ids = prompt + _placeholders(grid, IMAGE) + answer
+        labels = [-100] * (len(ids) - len(answer)) + answer
+        rows.append({
+            "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+            "pixel_values": _pixels([grid], generator), "image_grid_thw": torch.tensor([grid]),
+        })
+    return rows
+
+
+def collate(rows: list[dict]) -> dict:
+    """Right-padded ids / labels / mask, the token kinds, and every row's pixels and grids concatenated in order."""
+    length = max(len(row["input_ids"]) for row in rows)
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, length - len(t)), value=value)  # noqa: E731
+    input_ids = torch.stack([pad(row["input_ids"], PAD) for row in rows])
+    return {
+        "input_ids": input_ids,
+        "labels": torch.stack([pad(row["labels"], -100) for row in rows]),
+        "attention_mask": torch.stack([pad(torch.ones(len(row["input_ids"]), dtype=torch.long), 0) for row in rows]),
+        "mm_token_type_ids": (input_ids == IMAGE).int(),
+        "pixel_values": torch.cat([row["pixel_values"] for row in rows]),
+        "image_grid_thw": torch.cat([row["image_grid_thw"] for row in rows]),
+    }
+
+
+def training_arguments(output_dir: str, **overrides):
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=output_dir, per_device_train_batch_size=2, max_steps=3, learning_rate=1e-3, weight_decay=0.1,
+        max_grad_norm=1.0, lr_scheduler_type="linear", warmup_steps=1, logging_steps=1, save_strategy="no",
+        train_sampling_strategy="sequential", report_to=[], disable_tqdm=True, use_cpu=True, seed=0,
+        remove_unused_columns=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def loss_history(trainer) -> dict:
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    return {"loss": [h["loss"] for h in logs], "grad_norm": [h["grad_norm"] for h in logs]}

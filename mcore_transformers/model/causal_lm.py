@@ -458,6 +458,26 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
             hidden_states=hidden_states,
         )
 
+    # ---- what a training step asks of the model (training/step.py) ----------------------------------
+    extra_inputs: tuple[str, ...] = ()  # batch keys it takes beyond input_ids, labels, attention_mask, position_ids
+
+    def micro_batches(self, batch: dict, parts: int) -> list[dict]:
+        """`batch` cut into `parts` equal row slices (the pipeline schedule's micro-batches)."""
+        rows = batch["input_ids"].shape[0]
+        if rows % parts:
+            raise MCoreTransformersError(f"A batch of {rows} rows cannot be cut into {parts} equal micro-batches.")
+        size = rows // parts
+        return [{key: value[i * size : (i + 1) * size] for key, value in batch.items()} for i in range(parts)]
+
+    def step_inputs(self, batch: dict, first_chunk: bool) -> tuple[torch.Tensor, StreamEdits]:
+        """A training micro-batch's rotary positions, and what other modalities add to its stream (on the chunk
+        that embeds, `first_chunk`)."""
+        positions = batch.get("position_ids")
+        if positions is None:
+            rows, seq = batch["input_ids"].shape
+            positions = torch.arange(seq, device=batch["input_ids"].device).expand(rows, seq)
+        return positions, StreamEdits()
+
     # ---- generation ----------------------------------------------------------------------------
     def new_kv_cache(self, batch_size: int, max_length: int) -> MCoreKVCache:
         """An empty KV cache for `batch_size` rows and `max_length` tokens (it grows if a forward needs more).

@@ -19,6 +19,7 @@ from ..errors import AdapterError, LayoutError
 from ..model.building import BuiltModel, build_model
 from ..model.cache import MCoreKVCache
 from ..model.causal_lm import MCoreModelForCausalLM
+from ..model.forward import StreamEdits
 from ..model.generation import CACHE_KWARG, cache_argument
 from ..model.loading import checkpoint_tensor_names
 from ..runtime.parallel import ParallelConfig
@@ -68,7 +69,13 @@ class MCoreModelForImageTextToText(MCoreModelForCausalLM):
         built = build_model(arch, layout, dtype)
         first = built.chunks[0]
         if first.pre_process:  # the first pipeline stage holds the tower
-            first.add_module(VISION_MODULE, build_vision_tower(config.vision_config, dtype))
+            tower = build_vision_tower(config.vision_config, dtype)
+            if layout.sequence_parallel:
+                # Each tensor-parallel rank's stream slice takes its own part of the tower's gradient: megatron
+                # sums the gradients of parameters marked so over the TP group (as for norms under SP).
+                for param in tower.parameters():
+                    param.sequence_parallel = True
+            first.add_module(VISION_MODULE, tower)
         return built
 
     # ---- forward -------------------------------------------------------------------------------
@@ -190,6 +197,69 @@ class MCoreModelForImageTextToText(MCoreModelForCausalLM):
             input_ids, attention_mask, positions, cache, use_cache, labels, logits_to_keep, cache_position,
             output_hidden_states, edits, **kwargs,
         )
+
+    # ---- training (MCoreTrainer's pipeline step) ---------------------------------------------------
+    extra_inputs = (
+        "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+        "mm_token_type_ids",
+    )
+
+    def micro_batches(self, batch: dict, parts: int) -> list[dict]:
+        """Row slices, each with the pixels and grids of the media its rows hold (pixels are patches, not rows)."""
+        media = {key: batch.pop(key) for key in self.extra_inputs if key in batch and key != "mm_token_type_ids"}
+        slices = super().micro_batches(batch, parts)
+        batch.update(media)
+        rows = batch["input_ids"].shape[0] // parts
+        for kind, token in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
+            pixels_key = "pixel_values" if kind == "image" else "pixel_values_videos"
+            grid_key = f"{kind}_grid_thw"
+            if media.get(pixels_key) is None:
+                continue
+            merge = self.position_rules.spatial_merge_size**2
+            grids = media[grid_key]
+            tokens_per_grid = (grids.prod(-1) // merge).tolist()
+            patches = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)]).tolist()
+            first_grid = 0
+            for part, piece in enumerate(slices):
+                wanted = int((batch["input_ids"][part * rows : (part + 1) * rows] == token).sum())
+                last_grid, covered = first_grid, 0
+                while covered < wanted and last_grid < len(tokens_per_grid):
+                    covered += tokens_per_grid[last_grid]
+                    last_grid += 1
+                if covered != wanted:
+                    raise ValueError(
+                        f"The {kind} placeholder tokens of rows {part * rows}..{(part + 1) * rows - 1} do not line up "
+                        f"with whole grids of {grid_key}: build the batch with the model's processor."
+                    )
+                piece[pixels_key] = media[pixels_key][patches[first_grid] : patches[last_grid]]
+                piece[grid_key] = grids[first_grid:last_grid]
+                if kind == "video" and media.get("second_per_grid_ts") is not None:
+                    piece["second_per_grid_ts"] = media["second_per_grid_ts"][first_grid:last_grid]
+                first_grid = last_grid
+        return slices
+
+    def step_inputs(self, batch: dict, first_chunk: bool):
+        """Multimodal rotary positions of the micro-batch; on the chunk that embeds, the tower's features (run
+        here, so the tower trains with the decoder)."""
+        input_ids = batch["input_ids"]
+        positions = self._positions(
+            input_ids, batch.get("attention_mask"), batch.get("position_ids"), 0, batch.get("image_grid_thw"),
+            batch.get("video_grid_thw"), batch.get("second_per_grid_ts"), batch.get("mm_token_type_ids"),
+        )
+        if not first_chunk:
+            return positions, StreamEdits()
+        media = [
+            item
+            for item in (
+                self._media(input_ids, batch.get("pixel_values"), batch.get("image_grid_thw"), self.config.image_token_id, "image"),
+                self._media(
+                    input_ids, batch.get("pixel_values_videos"), batch.get("video_grid_thw"), self.config.video_token_id,
+                    "video",
+                ),
+            )
+            if item is not None and item[1] is not None
+        ]
+        return positions, stream_edits(media, input_ids.shape[1])
 
     # ---- generation ----------------------------------------------------------------------------
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):

@@ -65,7 +65,7 @@ def _guard(module) -> None:
         if getattr(peft_config, "target_parameters", None):  # fused experts -> their per-expert projections
             from .fused import convert_config as per_expert_config
 
-            per_expert_config(peft_config, mcore, mcore.config.num_hidden_layers)
+            per_expert_config(peft_config, mcore, mcore.language_config.num_hidden_layers)
         return None  # per-expert names are this model's own module names
 
     @functools.wraps(convert_state)

@@ -70,17 +70,12 @@ def pad_sequence_to(batch: dict, multiple: int) -> dict:
         padded["attention_mask"] = nn.functional.pad(mask, (0, extra))
     positions = batch.get("position_ids")
     if positions is not None:
-        tail = positions[:, -1:] + torch.arange(1, extra + 1, device=positions.device)
-        padded["position_ids"] = torch.cat([positions, tail], 1)
+        tail = positions[..., -1:] + torch.arange(1, extra + 1, device=positions.device)
+        padded["position_ids"] = torch.cat([positions, tail], -1)
+    types = batch.get("mm_token_type_ids")  # a multimodal batch's token kinds: the padding is text
+    if types is not None:
+        padded["mm_token_type_ids"] = nn.functional.pad(types, (0, extra))
     return padded
-
-
-def split_rows(batch: dict, parts: int) -> list[dict]:
-    rows = batch["input_ids"].shape[0]
-    if rows % parts:
-        raise TrainingError(f"A batch of {rows} rows cannot be cut into {parts} equal pipeline micro-batches.")
-    size = rows // parts
-    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
 
 
 def micro_batch_count(rows: int, wanted: int, pp: int, interleaved: bool) -> int:
@@ -144,16 +139,20 @@ class PipelineStep:
         chunk = bare_chunk(chunk_module)
         input_ids = batch["input_ids"]
         rows, seq = input_ids.shape
-        positions = batch.get("position_ids")
-        if positions is None:
-            positions = torch.arange(seq, device=input_ids.device).expand(rows, seq)
+        positions, edits = self.model.step_inputs(batch, chunk.pre_process)
+        packed = batch.get("attention_mask") is None and positions.dim() == 2 and "position_ids" in batch
+        arch = self.model.arch
         inputs = ForwardInputs(
             input_ids=input_ids,
             attention_mask=attention_mask_for(
                 batch.get("attention_mask"), rows, seq, self.window, input_ids.device,
-                segments=packed_segments(batch.get("position_ids")) if batch.get("attention_mask") is None else None,
+                segments=packed_segments(batch["position_ids"]) if packed else None,
             ),
-            rotary=rotary_angles(positions, self.model.rotary_frequencies(positions), self.model.arch.rotary_interleaved()),
+            rotary=rotary_angles(
+                positions, self.model.rotary_frequencies(positions), arch.rotary_interleaved(), arch.rotary_components()
+            ),
+            after_embedding=edits.after_embedding,
+            after_layer=edits.after_layer,
         )
         # Past the first stage the schedule has already handed the received activations to the decoder.
         hidden = None if chunk.pre_process else chunk.decoder.input_tensor
@@ -171,7 +170,7 @@ class PipelineStep:
         return output, functools.partial(self._loss, shifted_targets(batch["labels"]), divisor, router)
 
     def _loss(self, targets: torch.Tensor, divisor: torch.Tensor, router, logits: torch.Tensor):
-        losses = vocab_parallel_token_losses(logits, targets.transpose(0, 1), self.model.config.vocab_size)
+        losses = vocab_parallel_token_losses(logits, targets.transpose(0, 1), self.model.language_config.vocab_size)
         loss_sum = losses.sum()
         tokens = targets.ne(IGNORE_INDEX).sum()
         # With config.calculate_per_token_loss the schedule leaves this loss as it is: `divisor` is
@@ -202,7 +201,7 @@ class PipelineStep:
         rows, seq = batch["input_ids"].shape
         interleaved = self.layout.virtual_stages > 1
         count = micro_batch_count(rows, -(-rows // micro_batch_size), self.layout.pp, interleaved)
-        micro = split_rows(batch, count)
+        micro = self.model.micro_batches(batch, count)
         if divisor is None:
             divisor = torch.ones((), dtype=torch.float32, device=batch["input_ids"].device)
         config = bare_chunk(chunks[0]).config

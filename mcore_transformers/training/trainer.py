@@ -278,10 +278,11 @@ class MCoreTrainer(Trainer):
                 f"MCoreTrainer needs `input_ids` and `labels` in every batch (got {sorted(inputs)}); for causal "
                 "language modelling use e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)."
             )
-        unknown = sorted(set(inputs) - set(MODEL_INPUTS))
+        taken = MODEL_INPUTS + self._mcore.extra_inputs  # a vision-language model also takes its pixels
+        unknown = sorted(set(inputs) - set(taken))
         if unknown:
-            logger.warning_once(f"MCoreTrainer ignores batch keys {unknown} (the model takes {list(MODEL_INPUTS)}).")
-        batch = {k: inputs[k] for k in MODEL_INPUTS if inputs.get(k) is not None}
+            logger.warning_once(f"MCoreTrainer ignores batch keys {unknown} (the model takes {list(taken)}).")
+        batch = {k: inputs[k] for k in taken if inputs.get(k) is not None}
         if not check_replica_agrees(batch):
             raise TrainingError(
                 "The ranks of one model replica (its tensor- and pipeline-parallel ranks) received different batches. "
@@ -402,9 +403,10 @@ class MCoreTrainer(Trainer):
                 loss = loss + self._step.aux.coefficient * result.aux
             return loss.float().to(self.args.device), None, None
         with torch.no_grad():
+            extra = {key: inputs[key] for key in self._mcore.extra_inputs if inputs.get(key) is not None}
             outputs = self._mcore(
                 input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                position_ids=inputs.get("position_ids"),
+                position_ids=inputs.get("position_ids"), **extra,
             )
         logits, loss = outputs.logits, None
         if labels is not None:
