@@ -65,13 +65,18 @@ def reference(root: str, name: str) -> dict:
     return _REFERENCES[name]
 
 
-def result(launched, layout: str, name: str) -> dict:
-    out, log = launched
+def fail_on_crash(out: str, layout: str, stem: str) -> None:
+    """Fail with the worker's traceback when the run `stem` of `layout` raised on a rank."""
     for rank in (0, 1):
-        crash = os.path.join(out, layout, f"{name}.crash{rank}")
+        crash = os.path.join(out, layout, f"{stem}.crash{rank}")
         if os.path.exists(crash):
             with open(crash) as f:
-                pytest.fail(f"{layout}/{name} raised on rank {rank}:\n{f.read()}")
+                pytest.fail(f"{layout}/{stem} raised on rank {rank}:\n{f.read()}")
+
+
+def result(launched, layout: str, name: str) -> dict:
+    out, log = launched
+    fail_on_crash(out, layout, name)
     path = os.path.join(out, layout, f"{name}.pt")
     if not os.path.exists(path):
         pytest.fail(f"{layout}/{name}: no record. Worker log:\n{log[-6000:]}")
@@ -113,6 +118,9 @@ def test_save_pretrained_gives_back_the_source_bit_for_bit(launched, root, layou
     assert sorted(saved) == sorted(source)
     different = [key for key in source if not torch.equal(saved[key], source[key])]
     assert not different, f"{layout}/{name}: {different[:5]} differ from the source"
+    for extra in ("preprocessor_config.json", "chat_template.jinja"):  # copied from the source folder
+        with open(os.path.join(root, name, extra)) as a, open(os.path.join(launched[0], layout, name, extra)) as b:
+            assert a.read() == b.read()
 
 
 @pytest.mark.parametrize("layout", W.LORA_LAYOUTS)
@@ -142,12 +150,8 @@ def test_mcore_trainer_on_image_text_pairs_matches_the_hf_trainer(launched, root
     gradient is summed over the TP ranks' stream slices; at pp=2 each micro-batch carries its own rows' images)."""
     import json
 
-    out, log = launched
-    for rank in (0, 1):
-        crash = os.path.join(out, layout, f"train.crash{rank}")
-        if os.path.exists(crash):
-            with open(crash) as f:
-                pytest.fail(f"training at {layout} raised on rank {rank}:\n{f.read()}")
+    out, _ = launched
+    fail_on_crash(out, layout, "train")
     name = W.TRAIN[layout]
     with open(os.path.join(out, layout, f"{name}.train.json")) as f:
         ours = json.load(f)

@@ -64,6 +64,11 @@ def make_checkpoint(family: str, folder: str, seed: int = 0) -> str:
             param.normal_(0.0, 0.08)
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
+    # what a hub folder carries beside the weights (the processor's settings, the chat template)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        f.write('{"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 4, "merge_size": 2}\n')
+    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+        f.write("{% for message in messages %}{{ message['content'] }}{% endfor %}\n")
     return folder
 
 
