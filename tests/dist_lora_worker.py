@@ -34,6 +34,7 @@ CHECKPOINTS = {
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {}),  # q/k/v in one HF linear (qkv_proj), gate/up in one (gate_up_proj)
     "glm4": ("glm4", {}),  # o_proj and down_proj feed post-sublayer norms; gate_up_proj
+    "olmo2": ("olmo2", {}),  # q and k feed norms over all heads; o_proj and down_proj feed the only norms
 }
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # HF-made adapters, random A and B (init_lora_weights=False), so q, k and v have distinct A.
@@ -92,6 +93,7 @@ CASES = [
     Case("hf-logits", "glm4", "tp2", "glm4"),
     Case("merge", "glm4", "tp2", "glm4"),
     Case("grads", "glm4", "tp2", "glm4"),
+    Case("hf-logits", "olmo2", "tp2"),
     Case("hf-logits", "qwen2-kv1", "pp2", "rslora"),
     # mcore-made adapter -> HF PEFT folder
     Case("export", "llama", "tp1"),

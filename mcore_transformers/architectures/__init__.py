@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration)
     llama,
     mistral,
     mixtral,
+    olmo2,
     olmoe,
     phi3,
     qwen2,

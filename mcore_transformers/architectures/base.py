@@ -130,6 +130,10 @@ class DecoderArchitecture:
         False: after (Llama and most others)."""
         return False
 
+    def pre_sublayer_norms(self) -> bool:
+        """False: no norm before attention and before the MLP (OLMo2 normalises only their outputs)."""
+        return True
+
     def post_sublayer_norms(self) -> bool:
         """True: the outputs of attention and of the MLP are normalised before the residual add (GLM-4); their
         norms are `self_attention.linear_proj.post_norm` and `mlp.linear_fc2.post_norm`."""
@@ -257,10 +261,11 @@ class DecoderArchitecture:
 
     def layer_rules(self) -> list[Rule]:
         rules = self.attention_rules() + self.mlp_rules()
-        rules += [
-            Replicated(LAYER + "input_layernorm.weight", HF_LAYER + "input_layernorm.weight"),
-            Replicated(LAYER + "pre_mlp_layernorm.weight", HF_LAYER + "post_attention_layernorm.weight"),
-        ]
+        if self.pre_sublayer_norms():
+            rules += [
+                Replicated(LAYER + "input_layernorm.weight", HF_LAYER + "input_layernorm.weight"),
+                Replicated(LAYER + "pre_mlp_layernorm.weight", HF_LAYER + "post_attention_layernorm.weight"),
+            ]
         return rules
 
     def attention_rules(self) -> list[Rule]:

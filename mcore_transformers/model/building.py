@@ -18,6 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -30,7 +31,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from ..architectures import DecoderArchitecture
 from ..conversion.rules import ShardLayout
-from ..errors import LayoutError
+from ..errors import LayoutError, UnsupportedModelError
 from .fast_layers import (
     FastColumnParallelLinear,
     FastRowParallelLinear,
@@ -40,9 +41,11 @@ from .fast_layers import (
 )
 from .layers import (
     KeyProjectionRMSNorm,
+    KeyProjectionRMSNormWeightInFloat32,
     LatentDotProductAttention,
     MLASelfAttentionOwnRotary,
     QueryProjectionRMSNorm,
+    QueryProjectionRMSNormWeightInFloat32,
     TransformersRMSNorm,
     TransformersRMSNormWeightInFloat32,
     with_post_norm,
@@ -199,10 +202,14 @@ def _use_cached_rotary_attention(attention: ModuleSpec) -> None:
 
 def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitecture, pp_rank: int, vp_stage):
     """The layer specs of one chunk: one spec for every layer of a plain GQA decoder, else per layer."""
-    plain = not config.num_moe_experts and not config.multi_latent_attention and not arch.qk_norm_over_heads()
+    plain = (
+        not config.num_moe_experts and not config.multi_latent_attention and not arch.qk_norm_over_heads()
+        and arch.pre_sublayer_norms()
+    )
+    norm = TransformersRMSNormWeightInFloat32 if arch.rms_norm_weight_in_float32() else TransformersRMSNorm
     if plain and use_te:
         spec = _layer_spec(config, use_te)  # (TE's fused norms: nothing to swap)
-        _add_post_norms([spec], arch, TransformersRMSNorm)
+        _add_post_norms([spec], arch, norm)
         return spec
     if plain:
         layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -217,13 +224,29 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
     if not use_te:
         # transformers' RMSNorm arithmetic for every norm (megatron's torch norms round differently and
         # refuse sequence parallelism).
-        norm = TransformersRMSNormWeightInFloat32 if arch.rms_norm_weight_in_float32() else TransformersRMSNorm
         block.layer_norm = norm
         for spec in {id(spec): spec for spec in block.layer_specs}.values():
             for megatron_norm in {WrappedTorchNorm, LayerNormImpl}:
                 _replace_module(spec, megatron_norm, norm)
-    _add_post_norms(block.layer_specs, arch, TransformersRMSNorm)
+    if not arch.pre_sublayer_norms():
+        _drop_pre_norms(block.layer_specs, use_te)
+    _add_post_norms(block.layer_specs, arch, norm)
     return block
+
+
+def _drop_pre_norms(specs, use_te: bool) -> None:
+    """Families that normalise only each sublayer's output (OLMo2): no norm before attention and the MLP. Under
+    Transformer Engine the norm is fused into the next linear, so that linear becomes TE's plain one."""
+    for spec in {id(spec): spec for spec in specs}.values():
+        layer = spec.submodules
+        layer.input_layernorm = IdentityOp
+        layer.pre_mlp_layernorm = IdentityOp
+        if use_te:
+            from megatron.core.extensions.transformer_engine import (
+                TEColumnParallelLinear, TELayerNormColumnParallelLinear,
+            )
+
+            _replace_module(spec, TELayerNormColumnParallelLinear, TEColumnParallelLinear)
 
 
 def _add_post_norms(specs, arch: DecoderArchitecture, norm: type) -> None:
@@ -234,7 +257,7 @@ def _add_post_norms(specs, arch: DecoderArchitecture, norm: type) -> None:
     for spec in {id(spec): spec for spec in specs}.values():
         attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
         if not hasattr(mlp, "linear_fc2"):
-            raise LayoutError("Post-sublayer norms on a mixture-of-experts layer are not supported.")
+            raise UnsupportedModelError("Post-sublayer norms on a mixture-of-experts layer are not supported.")
         attention.linear_proj = with_post_norm(attention.linear_proj, norm)
         mlp.linear_fc2 = with_post_norm(mlp.linear_fc2, norm)
 
@@ -253,8 +276,9 @@ def _customise_attention(attention: ModuleSpec, config: TransformerConfig, use_t
     else:
         _use_cached_rotary_attention(attention)
     if arch.qk_norm_over_heads():
-        attention.submodules.q_layernorm = QueryProjectionRMSNorm
-        attention.submodules.k_layernorm = KeyProjectionRMSNorm
+        in_float32 = arch.rms_norm_weight_in_float32()
+        attention.submodules.q_layernorm = QueryProjectionRMSNormWeightInFloat32 if in_float32 else QueryProjectionRMSNorm
+        attention.submodules.k_layernorm = KeyProjectionRMSNormWeightInFloat32 if in_float32 else KeyProjectionRMSNorm
 
 
 def _replace_module(spec, old: type, new: type) -> None:

@@ -88,7 +88,11 @@ class _ProjectionRMSNorm(torch.nn.Module):
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             square_sum = dist_nn.all_reduce(square_sum, group=group)  # autograd-aware sum over TP
         x = x * torch.rsqrt(square_sum / self.full_size + self.eps)
+        if self.weight_in_float32:
+            return (self.weight * x).to(dtype).reshape(shape)
         return (self.weight * x.to(dtype)).reshape(shape)
+
+    weight_in_float32 = False  # OLMo2: (weight * x).to(dtype), as TransformersRMSNormWeightInFloat32
 
 
 class QueryProjectionRMSNorm(_ProjectionRMSNorm):
@@ -99,6 +103,14 @@ class QueryProjectionRMSNorm(_ProjectionRMSNorm):
 class KeyProjectionRMSNorm(_ProjectionRMSNorm):
     def __init__(self, hidden_size: int, config, eps: float = 1e-6):
         super().__init__(config.num_query_groups, hidden_size, config, eps)
+
+
+class QueryProjectionRMSNormWeightInFloat32(QueryProjectionRMSNorm):
+    weight_in_float32 = True
+
+
+class KeyProjectionRMSNormWeightInFloat32(KeyProjectionRMSNorm):
+    weight_in_float32 = True
 
 
 class TransformersRMSNorm(torch.nn.Module):

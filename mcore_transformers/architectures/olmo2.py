@@ -1,0 +1,38 @@
+"""OLMo2 (and OLMo3's dense layout): no norm before attention or the MLP, an RMSNorm on each one's output
+before the residual add (`post_attention_layernorm`, `post_feedforward_layernorm`), RMSNorm over the whole q
+and k projections (all heads at once), norms that multiply by the weight in float32."""
+
+from ..conversion.rules import Replicated, Rule
+from ..errors import UnsupportedModelError
+from .base import HF_LAYER, LAYER, DecoderArchitecture, register
+
+
+@register
+class Olmo2(DecoderArchitecture):
+    model_types = ("olmo2",)
+
+    def pre_sublayer_norms(self) -> bool:
+        return False
+
+    def post_sublayer_norms(self) -> bool:
+        return True
+
+    def qk_layernorm(self) -> bool:
+        return True
+
+    def qk_norm_over_heads(self) -> bool:
+        return True
+
+    def rms_norm_weight_in_float32(self) -> bool:
+        return True
+
+    def transformer_config(self) -> dict:
+        if getattr(self.hf, "clip_qkv", None) is not None:
+            raise UnsupportedModelError(f"clip_qkv={self.hf.clip_qkv}: megatron-core has no clamp on q/k/v.")
+        return super().transformer_config()
+
+    def layer_rules(self) -> list[Rule]:
+        return super().layer_rules() + [
+            Replicated(LAYER + "self_attention.linear_proj.post_norm.weight", HF_LAYER + "post_attention_layernorm.weight"),
+            Replicated(LAYER + "mlp.linear_fc2.post_norm.weight", HF_LAYER + "post_feedforward_layernorm.weight"),
+        ]
