@@ -27,6 +27,10 @@ import dist_vl_worker as W  # noqa: E402
 import launching  # noqa: E402
 import vl_cases as V  # noqa: E402
 
+# The model drives transformers' vision towers and a private generate hook (_prepare_position_ids_for_generation):
+# the whole file is in the compatibility subset that also runs on the oldest transformers of the tested range.
+pytestmark = pytest.mark.compat
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_vl_worker.py")
 LAUNCH_TIMEOUT_S = 600
 CASES = [(layout, name) for layout, (_, names) in W.RUNS.items() for name in names]
