@@ -40,7 +40,7 @@ class Checkpoint:
     max_shard_size: Optional[str] = None  # shard the *source* checkpoint
 
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "ernie4_5", "glm4", "olmo2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "ernie4_5", "glm4", "olmo2", "olmo3")
 
 CHECKPOINTS: dict[str, Checkpoint] = {
     **{arch: Checkpoint(arch) for arch in ARCHS},

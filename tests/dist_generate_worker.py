@@ -38,6 +38,7 @@ CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tools.
     "ernie4_5": ("ernie4_5", {}),  # interleaved rotary, biases everywhere
     "glm4": ("glm4", {}),  # post-sublayer norms, interleaved rotary on half of each head
     "olmo2": ("olmo2", {}),  # only post-sublayer norms, q/k norms over all heads
+    "olmo3": ("olmo3", {}),  # + a window of 5 on three layers of four: decoding runs past it
     "qwen3_moe": ("qwen3_moe", {}),  # routed experts
     "deepseek_v3": ("deepseek_v3", {}),  # multi-latent attention, shared experts
     "gpt_oss": ("gpt_oss", {}),  # attention sinks, alternating sliding windows, expert biases
@@ -62,6 +63,7 @@ CASES: dict[str, tuple] = {
     "greedy-padded-ernie4_5": ("ernie4_5", "padded", dict(max_new_tokens=24), False),
     "greedy-padded-glm4": ("glm4", "padded", dict(max_new_tokens=24), False),
     "greedy-padded-olmo2": ("olmo2", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-olmo3": ("olmo3", "padded", dict(max_new_tokens=24), False),
     "beam": ("llama", "padded", dict(max_new_tokens=12, num_beams=3, num_return_sequences=2), False),
     "beam-sample": ("llama", "padded", dict(max_new_tokens=10, num_beams=2, **SAMPLING), True),
     "sample": ("llama", "padded", dict(max_new_tokens=16, num_return_sequences=2, **SAMPLING), True),

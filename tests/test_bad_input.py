@@ -126,6 +126,14 @@ def test_unimplemented_family_switch_is_refused_by_name(switch):
     assert_names(str(err.value), (f"{switch}=0.1", "0.0"))
 
 
+def test_rotary_settings_that_differ_per_layer_type_are_refused():
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+    with pytest.raises(errors.UnsupportedModelError, match="rope_parameters differ between layer types"):
+        get_architecture(tiny_config("olmo3", rope_parameters=rope)).rope()
+    assert get_architecture(tiny_config("olmo3")).rope().shape == (8,)  # the same settings for both: one table
+
+
 def test_longrope_switches_to_its_long_factors_past_the_original_length():
     arch = get_architecture(tiny_config("phi3"))  # original_max_position_embeddings = 8
     length, long = arch.long_rope()

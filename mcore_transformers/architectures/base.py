@@ -203,12 +203,26 @@ class DecoderArchitecture:
         position, as transformers does. None: one set of frequencies for every length."""
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        params = getattr(self.hf, "rope_parameters", None) or {}
+        params = self.rope_parameters()
         if params.get("rope_type") != "longrope":
             return None
         length = params.get("original_max_position_embeddings") or self.hf.original_max_position_embeddings
-        inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](self.hf, torch.device("cpu"), seq_len=length + 1)
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](self.hf, torch.device("cpu"), seq_len=length + 1, **self._layer_type())
         return int(length), inv_freq
+
+    def rope_layer_type(self) -> Optional[str]:
+        """The layer type whose `rope_parameters` entry holds the rotary settings, for configs that keep one per
+        layer type (OLMo3); None: `rope_parameters` is one set for every layer."""
+        return None
+
+    def rope_parameters(self) -> dict:
+        params = getattr(self.hf, "rope_parameters", None) or {}
+        layer_type = self.rope_layer_type()
+        return params[layer_type] if layer_type is not None else params
+
+    def _layer_type(self) -> dict:
+        layer_type = self.rope_layer_type()
+        return {} if layer_type is None else {"layer_type": layer_type}
 
     def softmax_scale(self) -> Optional[float]:
         """The attention score scale, when the rope changes it (None: 1/sqrt(head_dim)).
@@ -222,7 +236,7 @@ class DecoderArchitecture:
     def _rope(self) -> tuple[torch.Tensor, float]:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        params = getattr(self.hf, "rope_parameters", None) or {}
+        params = self.rope_parameters()
         rope_type = params.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(
@@ -232,7 +246,7 @@ class DecoderArchitecture:
             base = params.get("rope_theta", getattr(self.hf, "rope_theta", 10000.0))
             dim = int(self.head_dim * params.get("partial_rotary_factor", 1.0))
             return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.hf, torch.device("cpu"))
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.hf, torch.device("cpu"), **self._layer_type())
         return inv_freq, float(attention_scaling)
 
     def module_path(self, tensor_path: str) -> str:

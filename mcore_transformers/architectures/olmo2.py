@@ -1,9 +1,12 @@
-"""OLMo2 (and OLMo3's dense layout): no norm before attention or the MLP, an RMSNorm on each one's output
+"""OLMo2 and OLMo3: no norm before attention or the MLP, an RMSNorm on each one's output
 before the residual add (`post_attention_layernorm`, `post_feedforward_layernorm`), RMSNorm over the whole q
-and k projections (all heads at once), norms that multiply by the weight in float32."""
+and k projections (all heads at once), norms that multiply by the weight in float32. OLMo3 adds a sliding window on the layers transformers marks
+"sliding_attention", and keeps rotary settings per layer type (one table: they must agree)."""
 
 from ..conversion.rules import Replicated, Rule
 from ..errors import UnsupportedModelError
+from typing import Optional
+
 from .base import HF_LAYER, LAYER, DecoderArchitecture, register
 
 
@@ -36,3 +39,23 @@ class Olmo2(DecoderArchitecture):
             Replicated(LAYER + "self_attention.linear_proj.post_norm.weight", HF_LAYER + "post_attention_layernorm.weight"),
             Replicated(LAYER + "mlp.linear_fc2.post_norm.weight", HF_LAYER + "post_feedforward_layernorm.weight"),
         ]
+
+
+@register
+class Olmo3(Olmo2):
+    model_types = ("olmo3",)
+
+    def rope_layer_type(self) -> Optional[str]:
+        params, kinds = self.hf.rope_parameters, sorted(set(self.hf.layer_types))
+        if any(params.get(kind) != params.get(kinds[0]) for kind in kinds):
+            raise UnsupportedModelError(
+                f"rope_parameters differ between layer types ({', '.join(f'{k}: {params.get(k)}' for k in kinds)}): "
+                "one rotary table per layer type is not supported yet."
+            )
+        return kinds[0]
+
+    def transformer_config(self) -> dict:
+        config = super().transformer_config()
+        if self.hf.sliding_window is not None:
+            config.update(self.layer_windows([kind == "sliding_attention" for kind in self.hf.layer_types]))
+        return config

@@ -33,6 +33,7 @@ FAMILIES: dict[str, dict] = {
     "ernie4_5": dict(head_dim=16, use_bias=True, pad_token_id=0),  # interleaved rotary, biases on every linear
     "glm4": dict(head_dim=16, pad_token_id=None, eos_token_id=2),  # post-sublayer norms, half-head interleaved rotary
     "olmo2": dict(pad_token_id=0, num_key_value_heads=4),  # only post-sublayer norms; q/k norms over all heads (MHA)
+    "olmo3": dict(pad_token_id=0, num_key_value_heads=4, sliding_window=5),  # + a window on 3 of every 4 layers
     # Mixtures of experts: 4 or 8 small experts, so ep=2 splits them and routing has real choices.
     "qwen3_moe": dict(head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
     "qwen2_moe": dict(  # one dense layer among the MoE layers; shared expert with its sigmoid gate
