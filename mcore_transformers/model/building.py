@@ -364,6 +364,11 @@ def build_model(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.
                     vp_stage=stage if stages > 1 else None,
                 )
             )
+    for chunk in chunks:
+        if chunk.post_process and type(chunk.output_layer) is ColumnParallelLinear:
+            # GPTModel builds its LM head as megatron's ColumnParallelLinear (not from the layer spec): the lean
+            # subclass computes the same logits faster (its forward is the only difference).
+            chunk.output_layer.__class__ = FastColumnParallelLinear
     mark_tensor_parallel_weights(chunks)
     freeze_pad_row_lookups(chunks, getattr(arch.hf, "pad_token_id", None), vocab, layout.sequence_parallel)
     shard_layout = ShardLayout(

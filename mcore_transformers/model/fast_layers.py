@@ -96,15 +96,12 @@ class FastColumnParallelLinear(ColumnParallelLinear):
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         parallel = _tp_size(self.tp_group) > 1
-        if (
-            (torch.is_grad_enabled() and parallel)
-            or weight is not None
-            or self.config._cpu_offloading_context is not None
-        ):
+        if (torch.is_grad_enabled() and parallel) or self.config._cpu_offloading_context is not None:
             return super().forward(input_, weight, runtime_gather_output)
         if self.sequence_parallel and not self.explicit_expert_comm and parallel:
             input_ = gather_from_sequence_parallel_region(input_, group=self.tp_group)
-        output = torch.nn.functional.linear(input_, self.weight)  # = matmul(x, w.t()) bit for bit, faster on CPU
+        weight = self.weight if weight is None else weight  # the LM head may be handed the tied embedding
+        output = torch.nn.functional.linear(input_, weight)  # = matmul(x, w.t()) bit for bit, faster on CPU
         if self.bias is not None and not self.skip_bias_add:
             output = output + self.bias
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
