@@ -126,6 +126,13 @@ def test_unimplemented_family_switch_is_refused_by_name(switch):
     assert_names(str(err.value), (f"{switch}=0.1", "0.0"))
 
 
+@pytest.mark.parametrize("model_type", ["olmoe", "olmo2", "olmo3"])
+def test_clamped_qkv_is_refused_by_name(model_type):
+    with pytest.raises(errors.UnsupportedModelError, match="clip_qkv=8.0"):
+        get_architecture(tiny_config(model_type, clip_qkv=8.0)).transformer_config()
+    assert get_architecture(tiny_config(model_type)).transformer_config()["qk_layernorm"]
+
+
 def test_rotary_settings_that_differ_per_layer_type_are_refused():
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}

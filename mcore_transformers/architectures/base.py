@@ -164,6 +164,8 @@ class DecoderArchitecture:
         hf = self.hf
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act={hf.hidden_act!r}: only SwiGLU ('silu') MLPs are supported.")
+        if getattr(hf, "clip_qkv", None) is not None:  # OLMo / OLMoE / OLMo2 configs
+            raise UnsupportedModelError(f"clip_qkv={hf.clip_qkv}: megatron-core has no clamp on the q/k/v projections.")
         return dict(
             num_layers=hf.num_hidden_layers,
             hidden_size=hf.hidden_size,

@@ -29,11 +29,6 @@ class Olmo2(DecoderArchitecture):
     def rms_norm_weight_in_float32(self) -> bool:
         return True
 
-    def transformer_config(self) -> dict:
-        if getattr(self.hf, "clip_qkv", None) is not None:
-            raise UnsupportedModelError(f"clip_qkv={self.hf.clip_qkv}: megatron-core has no clamp on q/k/v.")
-        return super().transformer_config()
-
     def layer_rules(self) -> list[Rule]:
         return super().layer_rules() + [
             Replicated(LAYER + "self_attention.linear_proj.post_norm.weight", HF_LAYER + "post_attention_layernorm.weight"),

@@ -1,7 +1,6 @@
 """OLMoE: Llama attention with RMSNorm over the whole q and k projections (all heads at once, not per
 head: a norm layer we supply, sharded with the heads under TP); softmax top-k routing."""
 
-from ..errors import UnsupportedModelError
 from .base import MoEDecoder, register
 
 
@@ -17,10 +16,3 @@ class Olmoe(MoEDecoder):
 
     def moe_intermediate_size(self) -> int:
         return self.hf.intermediate_size
-
-    def transformer_config(self) -> dict:
-        if getattr(self.hf, "clip_qkv", None) is not None:
-            raise UnsupportedModelError(
-                f"clip_qkv={self.hf.clip_qkv}: megatron-core has no clamp on the q/k/v projections."
-            )
-        return super().transformer_config()
