@@ -414,8 +414,7 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
             inference_context=cache.context if cache is not None else None,
             # Under sequence parallelism the output layer gathers the sequence itself: cut afterwards.
             keep=None if sequence_parallel else keep,
-            after_embedding=edits.after_embedding,
-            after_layer=edits.after_layer,
+            edits=edits,
         )
         hidden_seq = padded_seq // self.layout.tp if sequence_parallel else padded_seq
         hidden_shape = (hidden_seq, batch, self.language_config.hidden_size)

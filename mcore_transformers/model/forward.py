@@ -21,6 +21,16 @@ from .fast_layers import FORWARD_MEMO
 
 
 @dataclass(frozen=True)
+class StreamEdits:
+    """What another modality adds to the decoder's stream for one forward (multimodal models): a function of the
+    embedding output (this rank's part of it: [s or s/tp, b, h]), and per global layer index one applied to that
+    layer's output."""
+
+    after_embedding: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    after_layer: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ForwardInputs:
     input_ids: torch.Tensor  # [b, s]
     attention_mask: torch.Tensor  # [b, 1, s, past + s] bool, True = masked out
@@ -30,18 +40,7 @@ class ForwardInputs:
     inference_context: Optional[Any] = None
     # Positions (along the sequence) whose logits are computed: a slice or a 1-D index tensor; None = all.
     keep: Union[slice, torch.Tensor, None] = None
-    # What other modalities add to the decoder's stream (multimodal models): a function of the embedding output
-    # (this rank's part of it: [s or s/tp, b, h]), and per global layer index one applied to that layer's output.
-    after_embedding: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    after_layer: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StreamEdits:
-    """What another modality adds to the decoder's stream for one forward (see `ForwardInputs`)."""
-
-    after_embedding: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    after_layer: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    edits: StreamEdits = field(default_factory=StreamEdits)
 
 
 def attention_mask_for(
@@ -126,12 +125,12 @@ def run_chunk(chunk: GPTModel, inputs: ForwardInputs, hidden: Optional[torch.Ten
     """Embedding (first chunk), decoder layers, then the local logits shard (last chunk)."""
     if chunk.pre_process:
         hidden = chunk.embedding(input_ids=inputs.input_ids, position_ids=None)
-        if inputs.after_embedding is not None:
-            hidden = inputs.after_embedding(hidden)
+        if inputs.edits.after_embedding is not None:
+            hidden = inputs.edits.after_embedding(hidden)
     else:
         chunk.decoder.set_input_tensor(hidden)
         hidden = None
-    with _layer_outputs_edited(chunk, inputs.after_layer):
+    with _layer_outputs_edited(chunk, inputs.edits.after_layer):
         hidden = chunk.decoder(
             hidden_states=hidden,
             attention_mask=inputs.attention_mask,

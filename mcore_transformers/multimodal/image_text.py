@@ -52,8 +52,7 @@ class MCoreModelForImageTextToText(MCoreModelForCausalLM):
         nested = checkpoint_is_nested(checkpoint_tensor_names(folder, variant))
         tower = build_vision_tower(config.vision_config, torch.float32)  # on the meta device: its names only
         rules = vision_rules(tower, NESTED_VISUAL if nested else FLAT_VISUAL)
-        arch = VisionLanguageArchitecture(language_architecture(config, nested), rules, config)
-        return arch
+        return VisionLanguageArchitecture(language_architecture(config, nested), rules, config)
 
     @classmethod
     def _build(cls, arch: VisionLanguageArchitecture, layout: ParallelConfig, dtype: torch.dtype) -> BuiltModel:
@@ -114,6 +113,15 @@ class MCoreModelForImageTextToText(MCoreModelForCausalLM):
             )
         tower = self._tower()
         return mask, encode(tower, pixels.to(mask.device), grid.to(mask.device)) if tower is not None else None
+
+    def _held_media(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw) -> list:
+        """(placeholder mask, features) of the images and videos present, checked on every rank; only ranks with
+        the tower have features (later pipeline stages neither embed nor add deepstack)."""
+        media = (
+            self._media(input_ids, pixel_values, image_grid_thw, self.config.image_token_id, "image"),
+            self._media(input_ids, pixel_values_videos, video_grid_thw, self.config.video_token_id, "video"),
+        )
+        return [item for item in media if item is not None and item[1] is not None]
 
     def _positions(
         self, input_ids, attention_mask, position_ids, past, image_grid_thw, video_grid_thw, second_per_grid_ts,
@@ -178,20 +186,11 @@ class MCoreModelForImageTextToText(MCoreModelForCausalLM):
         device = self.rotary_inv_freq.device
         input_ids = input_ids.to(device)
         past = cache.get_seq_length() if cache is not None else 0
-        media = [
-            item
-            for item in (
-                self._media(input_ids, pixel_values, image_grid_thw, self.config.image_token_id, "image"),
-                self._media(input_ids, pixel_values_videos, video_grid_thw, self.config.video_token_id, "video"),
-            )
-            if item is not None
-        ]
+        held = self._held_media(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         positions = self._positions(
             input_ids, attention_mask, position_ids, past, image_grid_thw, video_grid_thw, second_per_grid_ts,
             mm_token_type_ids,
         )
-        # Ranks without the tower (later pipeline stages) have no features: they neither embed nor add deepstack.
-        held = [(mask, features) for mask, features in media if features is not None]
         edits = (lambda padded_seq: stream_edits(held, padded_seq)) if held else None
         return self._language_model_forward(
             input_ids, attention_mask, positions, cache, use_cache, labels, logits_to_keep, cache_position,
@@ -248,17 +247,10 @@ class MCoreModelForImageTextToText(MCoreModelForCausalLM):
         )
         if not first_chunk:
             return positions, StreamEdits()
-        media = [
-            item
-            for item in (
-                self._media(input_ids, batch.get("pixel_values"), batch.get("image_grid_thw"), self.config.image_token_id, "image"),
-                self._media(
-                    input_ids, batch.get("pixel_values_videos"), batch.get("video_grid_thw"), self.config.video_token_id,
-                    "video",
-                ),
-            )
-            if item is not None and item[1] is not None
-        ]
+        media = self._held_media(
+            input_ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_values_videos"),
+            batch.get("video_grid_thw"),
+        )
         return positions, stream_edits(media, input_ids.shape[1])
 
     # ---- generation ----------------------------------------------------------------------------

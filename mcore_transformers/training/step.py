@@ -151,8 +151,7 @@ class PipelineStep:
             rotary=rotary_angles(
                 positions, self.model.rotary_frequencies(positions), arch.rotary_interleaved(), arch.rotary_components()
             ),
-            after_embedding=edits.after_embedding,
-            after_layer=edits.after_layer,
+            edits=edits,
         )
         # Past the first stage the schedule has already handed the received activations to the decoder.
         hidden = None if chunk.pre_process else chunk.decoder.input_tensor
