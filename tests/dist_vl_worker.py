@@ -31,7 +31,7 @@ RUNS = {
     "ep2": ({"ep": 2}, ("qwen3_vl_moe",)),
 }
 NEW_TOKENS = 5
-LORA_LAYOUTS = ("tp1", "tp2-sp")  # HF peft adapters on the language model, loaded with stock peft
+LORA_LAYOUTS = ("tp1", "tp2-sp")  # HF peft adapters (language model and vision tower), loaded with stock peft
 
 
 def family_of(name: str) -> str:
@@ -56,8 +56,12 @@ def run(layout: str, name: str, root: str, out: str) -> None:
     if layout in LORA_LAYOUTS and os.path.isdir(adapter):
         from peft import PeftModel
 
+        import mcore_transformers.peft as mpeft
+
+        peft_model = PeftModel.from_pretrained(model, adapter)
         with torch.no_grad():
-            record["lora_logits"] = PeftModel.from_pretrained(model, adapter)(**V.image_batch()).logits
+            record["lora_logits"] = peft_model(**V.image_batch()).logits
+        mpeft.save_adapter(peft_model, os.path.join(out, layout, f"{name}-adapter"))
     if rank == 0:
         torch.save(record, os.path.join(out, layout, f"{name}.pt"))
     elif rank == 1:
@@ -65,10 +69,12 @@ def run(layout: str, name: str, root: str, out: str) -> None:
 
 
 TRAIN = {"tp2-sp": "qwen3_vl", "pp2": "qwen3_vl"}  # layout: checkpoint fine-tuned with MCoreTrainer
+TRAIN_LORA = {"tp2-sp": "qwen2_5_vl"}  # layout: checkpoint whose HF adapter (tower included) MCoreTrainer trains
 
 
-def train(layout: str, name: str, root: str, out: str) -> None:
-    """Three MCoreTrainer steps on image-text pairs (pp2: two micro-batches, each with its own rows' images)."""
+def train(layout: str, name: str, root: str, out: str, lora: bool = False) -> None:
+    """Three MCoreTrainer steps on image-text pairs (pp2: two micro-batches, each with its own rows' images), of
+    the whole model or (lora) of the checkpoint's HF adapter."""
     import json
 
     from mcore_transformers import MCoreModelForImageTextToText
@@ -76,6 +82,10 @@ def train(layout: str, name: str, root: str, out: str) -> None:
 
     keywords, _ = RUNS[layout]
     model = MCoreModelForImageTextToText.from_pretrained(os.path.join(root, name), dtype=torch.float32, **keywords)
+    if lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, os.path.join(root, f"{name}-adapter"), is_trainable=True)
     options = {"micro_batch_size": 1} if keywords.get("pp", 1) > 1 else {}
     trainer = MCoreTrainer(
         model=model, args=V.training_arguments(os.path.join(out, layout, "train")), train_dataset=V.training_rows(),
@@ -83,7 +93,7 @@ def train(layout: str, name: str, root: str, out: str) -> None:
     )
     trainer.train()
     if dist.get_rank() == 0:
-        with open(os.path.join(out, layout, f"{name}.train.json"), "w") as f:
+        with open(os.path.join(out, layout, f"{name}{'.lora' if lora else ''}.train.json"), "w") as f:
             json.dump(V.loss_history(trainer), f)
 
 
@@ -100,13 +110,15 @@ def main() -> None:
                 with open(os.path.join(out, layout, f"{name}.crash{dist.get_rank() if dist.is_initialized() else 0}"), "w") as f:
                     f.write(traceback.format_exc())
             destroy_parallel_state()
-        if layout in TRAIN:
-            try:
-                train(layout, TRAIN[layout], root, out)
-            except Exception:
-                with open(os.path.join(out, layout, f"train.crash{dist.get_rank() if dist.is_initialized() else 0}"), "w") as f:
-                    f.write(traceback.format_exc())
-            destroy_parallel_state()
+        for kind, table in (("train", TRAIN), ("train-lora", TRAIN_LORA)):
+            if layout in table:
+                try:
+                    train(layout, table[layout], root, out, lora=kind == "train-lora")
+                except Exception:
+                    rank = dist.get_rank() if dist.is_initialized() else 0
+                    with open(os.path.join(out, layout, f"{kind}.crash{rank}"), "w") as f:
+                        f.write(traceback.format_exc())
+                destroy_parallel_state()
 
 
 if __name__ == "__main__":

@@ -229,9 +229,10 @@ def test_megatron_names_map_to_hf_projections(case, lora_launch):
     assert info["mapped"] == ["q_proj", "k_proj", "v_proj", "down_proj", "o_proj"]
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in info["adapted"]}
     assert adapted == {"q_proj", "k_proj", "v_proj", "down_proj", "o_proj"}
-    # Stock peft matches names literally: megatron names reach the megatron linear itself, which
-    # peft cannot wrap; hf_target_modules is the way to use them.
-    assert "not supported" in info["stock_mcore_name"]["message"]
+    # Stock peft matches names literally and megatron's own modules are never targets: megatron names are refused
+    # with the way to use them (hf_target_modules).
+    message = info["stock_mcore_name"]["message"]
+    assert "megatron-core's linear names" in message and "hf_target_modules" in message, message
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ different sizes, a video (one block, or one block per frame for Qwen3-VL) beside
 text-only batch. Logits within 1e-4 on every real token, losses within 1e-5, greedy generate with images
 token-identical, and `save_pretrained` gives back every source tensor bit for bit under its source name
 (Qwen2.5-VL's flat files and the nested module layout, the hub's transposed MoE experts, each kept). An HF
-peft adapter on the language model gives PeftModel's logits.
-MCoreTrainer fine-tunes on image-text pairs with the HF Trainer's per-step losses and gradient norms (tp=2 with
-sequence parallelism, pp=2). `verify` checks a VL checkpoint with a synthetic image. Bad input is refused with
+peft adapter on every linear (language model and vision tower) gives PeftModel's logits and saves back bit for
+bit. MCoreTrainer fine-tunes on image-text pairs with the HF Trainer's per-step losses and gradient norms (tp=2
+with sequence parallelism, pp=2; and the adapter alone at tp=2 with sequence parallelism). `verify` checks a VL checkpoint with a synthetic image. Bad input is refused with
 the cause before any output.
 """
 
@@ -145,29 +145,51 @@ def test_an_hf_lora_adapter_gives_peft_logits(launched, root, layout, name):
     assert (ours - ref)[real].abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("layout", W.LORA_LAYOUTS)
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_adapter_saves_back_bit_for_bit_under_hf_names(launched, root, layout, name):
+    """The loaded adapter (vision tower and language model, all-linear) written back by save_adapter: the same keys
+    (`base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight`, ...) and bytes as peft's own file."""
+    from safetensors.torch import load_file
+
+    result(launched, layout, name)
+    source, saved = (os.path.join(folder, "adapter_model.safetensors")
+                     for folder in (os.path.join(root, f"{name}-adapter"), os.path.join(launched[0], layout, f"{name}-adapter")))
+    source, saved = load_file(source), load_file(saved)
+    assert any(".visual." in key for key in source), "the adapter must adapt the tower for this test to mean anything"
+    assert sorted(saved) == sorted(source)
+    assert all(torch.equal(saved[key], source[key]) for key in source)
+
+
 _HF_TRAINING: dict = {}
 
 
-@pytest.mark.parametrize("layout", sorted(W.TRAIN))
-def test_mcore_trainer_on_image_text_pairs_matches_the_hf_trainer(launched, root, layout, tmp_path):
+@pytest.mark.parametrize("layout,lora", [(layout, False) for layout in sorted(W.TRAIN)]
+                         + [(layout, True) for layout in sorted(W.TRAIN_LORA)])
+def test_mcore_trainer_on_image_text_pairs_matches_the_hf_trainer(launched, root, layout, lora, tmp_path):
     """Per-step losses and gradient norms of three steps (the tower trains too: under sequence parallelism its
-    gradient is summed over the TP ranks' stream slices; at pp=2 each micro-batch carries its own rows' images)."""
+    gradient is summed over the TP ranks' stream slices; at pp=2 each micro-batch carries its own rows' images).
+    With lora, the checkpoint's adapter trains (its tower layers included) and the base stays frozen."""
     import json
 
     out, _ = launched
-    fail_on_crash(out, layout, "train")
-    name = W.TRAIN[layout]
-    with open(os.path.join(out, layout, f"{name}.train.json")) as f:
+    fail_on_crash(out, layout, "train-lora" if lora else "train")
+    name = (W.TRAIN_LORA if lora else W.TRAIN)[layout]
+    with open(os.path.join(out, layout, f"{name}{'.lora' if lora else ''}.train.json")) as f:
         ours = json.load(f)
-    if name not in _HF_TRAINING:
+    if (name, lora) not in _HF_TRAINING:
         from transformers import AutoModelForImageTextToText, Trainer
 
         model = AutoModelForImageTextToText.from_pretrained(os.path.join(root, name), dtype=torch.float32)
+        if lora:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, os.path.join(root, f"{name}-adapter"), is_trainable=True)
         trainer = Trainer(model=model, args=V.training_arguments(str(tmp_path / "hf")), train_dataset=V.training_rows(),
                           data_collator=V.collate)
         trainer.train()
-        _HF_TRAINING[name] = V.loss_history(trainer)
-    ref = _HF_TRAINING[name]
+        _HF_TRAINING[name, lora] = V.loss_history(trainer)
+    ref = _HF_TRAINING[name, lora]
     assert len(ours["loss"]) == len(ref["loss"]) == 3
     assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
@@ -250,3 +272,22 @@ def test_the_example_generates_what_transformers_generates_at_tp2(tmp_path):
     env = launching.worker_env(VL_EXAMPLE_FOLDER=str(tmp_path / "tiny-qwen3-vl"))
     code, log = launching.launch(example, ["--tp", "2"], 2, LAUNCH_TIMEOUT_S, str(tmp_path / "example.log"), env=env)
     assert code == 0 and "transformers generates the same tokens: True" in log, log[-4000:]
+
+
+def test_lora_names_shared_with_megatron_reach_only_the_tower(root, qwen3_vl):
+    """Qwen3-VL's vision MLP is `linear_fc1` / `linear_fc2`, like megatron's own MLP linears: those names adapt the
+    tower (HF's modules), never megatron's; a megatron-only name is refused with the fix."""
+    from peft import LoraConfig, get_peft_model
+
+    from mcore_transformers.errors import AdapterError
+
+    peft_model = get_peft_model(qwen3_vl, LoraConfig(r=2, target_modules=["qkv", "linear_fc1"]))
+    adapted = sorted({name.split(".lora_A")[0] for name, _ in peft_model.named_parameters() if ".lora_A." in name})
+    try:
+        assert adapted and all(name.startswith("base_model.model.model.visual.") for name in adapted), adapted
+        assert any(name.endswith("blocks.0.mlp.linear_fc1") for name in adapted)
+        assert any(name.endswith("merger.linear_fc1") for name in adapted)
+    finally:
+        peft_model.unload()
+    with pytest.raises(AdapterError, match=r"megatron-core's linear names.*hf_target_modules"):
+        get_peft_model(qwen3_vl, LoraConfig(r=2, target_modules=["linear_qkv"]))

@@ -178,11 +178,11 @@ def make_hub_moe_variant(source: str, target: str) -> str:
     return _rewrite(source, target, transpose)
 
 
-LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj|o_proj|down_proj)"
+LORA_TARGETS = "all-linear"  # the language model's projections and every linear of the vision tower
 
 
 def make_adapter(source: str, target: str, seed: int = 5) -> str:
-    """An HF peft LoRA adapter (non-zero B) on the language model's projections, saved by peft."""
+    """An HF peft LoRA adapter (non-zero B) on every linear but the LM head (vision tower included), saved by peft."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 

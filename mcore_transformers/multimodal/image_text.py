@@ -15,13 +15,14 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..errors import AdapterError, LayoutError
+from ..errors import LayoutError
 from ..model.building import BuiltModel, build_model
 from ..model.cache import MCoreKVCache
 from ..model.causal_lm import MCoreModelForCausalLM
 from ..model.forward import StreamEdits
 from ..model.generation import CACHE_KWARG, cache_argument
 from ..model.loading import checkpoint_tensor_names
+from ..peft.view import find_view
 from ..runtime.parallel import ParallelConfig
 from .families import (
     FLAT_VISUAL, NESTED_VISUAL, VisionLanguageArchitecture, checkpoint_is_nested, get_family, language_architecture,
@@ -79,20 +80,21 @@ class MCoreModelForImageTextToText(MCoreModelForCausalLM):
 
     # ---- forward -------------------------------------------------------------------------------
     def _tower(self) -> Optional[nn.Module]:
+        """The vision tower on this rank (first pipeline stage), its LoRA layers settled (`peft.view`)."""
         tower = getattr(self.chunks[0], VISION_MODULE, None)
-        if tower is not None and any(hasattr(module, "lora_A") for module in tower.modules()):
-            # peft matched tower modules by name (e.g. Qwen2.5-VL's vision MLP is gate/up/down_proj too): they sit
-            # under the chunks here, not at transformers' `model.visual.*`, so the adapter could not be saved.
-            raise AdapterError(
-                "LoRA on the vision tower is not supported yet: the adapter's target_modules also matched vision "
-                "layers. Restrict them to the language model, e.g. target_modules="
-                r"r'.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'."
-            )
+        view = find_view(self)
+        if tower is not None and view is not None:
+            view.settle_exposed(self.layout.sequence_parallel)
         return tower
 
+    def _lora_exposed_modules(self) -> dict[str, nn.Module]:
+        """The tower under transformers' module path, where peft adapts its linears (`model.visual.blocks.0...`)."""
+        tower = getattr(self.chunks[0], VISION_MODULE, None)
+        return {} if tower is None else {NESTED_VISUAL.removesuffix("."): tower}
+
     def _media(
-        self, input_ids: torch.Tensor, pixels: Optional[torch.Tensor], grid: Optional[torch.Tensor], token_id: int,
-        kind: str,
+        self, tower: Optional[nn.Module], input_ids: torch.Tensor, pixels: Optional[torch.Tensor],
+        grid: Optional[torch.Tensor], token_id: int, kind: str,
     ) -> Optional[tuple[torch.Tensor, Optional[MediaFeatures]]]:
         """(placeholder mask, the tower's features; None on ranks without the tower) of one kind of media."""
         if pixels is None:
@@ -111,15 +113,15 @@ class MCoreModelForImageTextToText(MCoreModelForCausalLM):
                 f"describes {expected} {kind} feature(s). Build the prompt with the model's processor, which expands "
                 f"each {kind} into one placeholder per merged patch."
             )
-        tower = self._tower()
         return mask, encode(tower, pixels.to(mask.device), grid.to(mask.device)) if tower is not None else None
 
     def _held_media(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw) -> list:
         """(placeholder mask, features) of the images and videos present, checked on every rank; only ranks with
         the tower have features (later pipeline stages neither embed nor add deepstack)."""
+        tower = self._tower()  # every forward on every rank: settling LoRA layers is collective
         media = (
-            self._media(input_ids, pixel_values, image_grid_thw, self.config.image_token_id, "image"),
-            self._media(input_ids, pixel_values_videos, video_grid_thw, self.config.video_token_id, "video"),
+            self._media(tower, input_ids, pixel_values, image_grid_thw, self.config.image_token_id, "image"),
+            self._media(tower, input_ids, pixel_values_videos, video_grid_thw, self.config.video_token_id, "video"),
         )
         return [item for item in media if item is not None and item[1] is not None]
 

@@ -11,6 +11,10 @@ vLLM) naming those conversions translate away from. For megatron-core models bot
 therefore skipped: per-expert names and keys load as they are. Every other model goes through
 peft's own code unchanged.
 
+The same hook keeps peft's matching off megatron's own modules (under `chunks.`): `target_modules` that
+name megatron's linears are refused with the fix (`hf_target_modules`), and where such a name is also an HF
+name of the model (`linear_fc1` is Qwen3-VL's vision MLP too) megatron's modules are excluded from matching.
+
 peft imports that module lazily (inside the functions that use it), so the guard is installed
 when it is first imported (an import hook costing nothing until then), or at once when it already is.
 An adapter that itself uses `target_parameters` (one made with peft on transformers 5's fused
@@ -31,6 +35,7 @@ from .view import find_view
 
 
 CONVERSION_MODULE = "peft.utils.transformers_weight_conversion"
+MEGATRON_MODULES = r"chunks\..*"  # the facade's megatron-core modules (peft's exclude_modules: a full-match regex)
 
 
 def mcore_model(model):
@@ -62,6 +67,7 @@ def _guard(module) -> None:
         mcore = mcore_model(model)
         if mcore is None:
             return convert_config(peft_config, model, *args, **kwargs)
+        _keep_off_megatron_modules(peft_config, mcore)
         if getattr(peft_config, "target_parameters", None):  # fused experts -> their per-expert projections
             from .fused import convert_config as per_expert_config
 
@@ -83,6 +89,28 @@ def _guard(module) -> None:
     module.convert_peft_config_for_transformers = convert_peft_config_for_transformers
     module.convert_peft_adapter_state_dict_for_transformers = convert_peft_adapter_state_dict_for_transformers
     module._mcore_transformers_guarded = True
+
+
+def _keep_off_megatron_modules(peft_config, model) -> None:
+    """Listed target_modules that name megatron's linears: refused with the fix when they are not also HF names of
+    this model; when they are (Qwen3-VL's vision MLP is `linear_fc1` / `linear_fc2`, like megatron's MLP), megatron's
+    modules are excluded (`exclude_modules`, unless the config sets its own) so that only the HF-named ones match."""
+    targets = getattr(peft_config, "target_modules", None)
+    if not isinstance(targets, (list, set, tuple)):
+        return
+    view = find_view(model)
+    known = view.projection_names()
+    megatron = {host.name.rsplit(".", 1)[-1] for host in view.hosts} & set(targets)
+    misnamed = sorted(megatron - known)
+    if misnamed:
+        from .errors import AdapterError
+
+        raise AdapterError(
+            f"target_modules {misnamed} are megatron-core's linear names; LoRA targets are named as in transformers "
+            f"({sorted(known)}). Translate them with mcore_transformers.peft.hf_target_modules(model, {misnamed})."
+        )
+    if megatron and getattr(peft_config, "exclude_modules", None) is None:
+        peft_config.exclude_modules = MEGATRON_MODULES
 
 
 class _GuardingLoader(importlib.abc.Loader):

@@ -42,10 +42,30 @@ def _local_adapter(view: LoraView, adapter: str) -> tuple[dict[str, torch.Tensor
             if not writes or isinstance(module, ProjectionSlot) or adapter not in module.lora_A:
                 continue
             adapted.append(projection.path)
-            for kind in ("lora_A", "lora_B"):
-                weight = getattr(module, kind)[adapter].weight
-                tensors[f"{HF_PREFIX}{projection.path}.{kind}.weight"] = weight.detach().cpu().contiguous()
+            tensors.update(_lora_tensors(projection.path, module, adapter))
+    if view.exposed:  # replicated modules (a vision tower): the first tensor- and data-parallel rank writes
+        paths += view.exposed_linear_paths()
+        if _first_replica():
+            for path, layer in view.exposed_lora_layers():
+                if adapter in layer.lora_A:
+                    adapted.append(path)
+                    tensors.update(_lora_tensors(path, layer, adapter))
     return tensors, adapted, paths
+
+
+def _lora_tensors(path: str, layer, adapter: str) -> dict[str, torch.Tensor]:
+    return {
+        f"{HF_PREFIX}{path}.{kind}.weight": getattr(layer, kind)[adapter].weight.detach().cpu().contiguous()
+        for kind in ("lora_A", "lora_B")
+    }
+
+
+def _first_replica() -> bool:
+    if not dist.is_initialized():
+        return True
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
 
 
 def _gather_to_rank0(payload):

@@ -170,24 +170,69 @@ def attach(model: nn.Module) -> LoraView:
         name = item.rule.mcore.format(i=item.layer, e=getattr(item, "expert", None)).removesuffix(".weight")
         host = LoraHost(item.module, kind, name, view)
         for projection in projections:
-            *parents, leaf = projection.path.split(".")
-            if parents[0] not in view.roots:
-                if parents[0] in model._modules or hasattr(model, parents[0]):
-                    raise AdapterError(
-                        f"Cannot add the HF-named LoRA view: the model already has an attribute {parents[0]!r}."
-                    )
-                view.roots[parents[0]] = ViewNode()
-            node = view.roots[parents[0]]
-            for part in parents[1:]:
-                node = node.child(part)
+            node, leaf = _parent_node(view, model, projection.path)
             node.add_module(leaf, ProjectionSlot(host, projection, unsupported))
             host.parts.append((node, leaf, projection))
         host.finish()
         view.hosts.append(host)
+    _expose(view, model)
     for name, root in view.roots.items():
         root.__dict__["lora_view"] = view
         model.add_module(name, root)
+    if view.exposed:
+        _put_view_first(view, model)
     return view
+
+
+def _parent_node(view: LoraView, model: nn.Module, path: str) -> tuple[ViewNode, str]:
+    """The view node that holds `path`'s last component (made as needed), and that component."""
+    *parents, leaf = path.split(".")
+    if parents[0] not in view.roots:
+        if parents[0] in model._modules or hasattr(model, parents[0]):
+            raise AdapterError(f"Cannot add the HF-named LoRA view: the model already has an attribute {parents[0]!r}.")
+        view.roots[parents[0]] = ViewNode()
+    node = view.roots[parents[0]]
+    for part in parents[1:]:
+        node = node.child(part)
+    return node, leaf
+
+
+def _expose(view: LoraView, model: nn.Module) -> None:
+    """Hang the model's own transformers modules (`_lora_exposed_modules`, e.g. a vision tower) into the view
+    under their HF paths. peft then adapts their nn.Linears with its stock layers, under HF's names."""
+    exposed = getattr(model, "_lora_exposed_modules", dict)()
+    for path, module in exposed.items():
+        hidden = next(name for name, found in model.named_modules(remove_duplicate=False) if found is module)
+        node, leaf = _parent_node(view, model, path)
+        node.add_module(leaf, module)
+        view.exposed[path] = (module, hidden)
+        view.exposed_linear_names |= {
+            name.rsplit(".", 1)[-1] for name, child in module.named_modules() if isinstance(child, nn.Linear)
+        }
+
+
+def _put_view_first(view: LoraView, model: nn.Module) -> None:
+    """`named_modules()` / `named_parameters()` yield a module once, under its first path: the view comes first so
+    that peft finds (and names) an exposed module under its HF path. `state_dict()` lists every path, so the
+    module's other path (under the chunks) is left out of it, and of what `load_state_dict` reports missing."""
+    modules = dict(model._modules)
+    model._modules.clear()
+    model._modules.update({name: modules[name] for name in view.roots})
+    model._modules.update({name: module for name, module in modules.items() if name not in view.roots})
+    hidden = [f"{path}." for _, path in view.exposed.values()]
+
+    def drop_hidden(module, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(tuple(prefix + h for h in hidden))]:
+            del state_dict[key]
+
+    def forgive_hidden(module, incompatible_keys):
+        missing = incompatible_keys.missing_keys
+        missing[:] = [key for key in missing if not any(f".{h}" in f".{key}" for h in hidden)]
+
+    view.hook_handles = [
+        model.register_state_dict_post_hook(drop_hidden),
+        model.register_load_state_dict_post_hook(forgive_hidden),
+    ]
 
 
 def detach(model: nn.Module) -> None:
@@ -196,9 +241,12 @@ def detach(model: nn.Module) -> None:
     if view is None:
         return
     attached = [path for path, module in view.slots() if not isinstance(module, ProjectionSlot)]
+    attached += [path for path, _ in view.exposed_lora_layers()]
     if attached:
         raise AdapterError(f"LoRA layers are still attached ({attached[:3]} ...): unload() or merge_and_unload() first.")
     for host in view.hosts:
         host.uninstall()
+    for handle in view.hook_handles:
+        handle.remove()
     for name in view.roots:
         del model._modules[name]
