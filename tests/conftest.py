@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dist_cases import LAYOUTS, ErrorRun, Run, build_checkpoints  # noqa: E402
+from dist_cases import LAYOUTS, ErrorRun, Run, build_checkpoints, oracle_options  # noqa: E402
 from launching import Started, worker_env  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
@@ -75,18 +75,22 @@ def checkpoint_root(tmp_path_factory) -> str:
     return root
 
 
-# World sizes the selected tests need (set at collection), so every launch can start at once.
+# World sizes the selected tests need, and per world the runs they read (set at collection), so every launch can
+# start at once and runs only what is read (`-k gemma` does not load every other family).
 _NEEDED_WORLDS: set[int] = set()
+_NEEDED_RUNS: dict[int, set[str]] = {}
 _FINISHED: dict[int, Launch] = {}
 
 
 def pytest_collection_finish(session):
-    """After -k / -m deselection: note which launches the remaining tests read."""
+    """After -k / -m deselection: note which launches, and which runs of them, the remaining tests read."""
     for item in session.items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         for value in params.values():
             if isinstance(value, (Run, ErrorRun)):
-                _NEEDED_WORLDS.add(LAYOUTS[value.layout]["world"])
+                world = LAYOUTS[value.layout]["world"]
+                _NEEDED_WORLDS.add(world)
+                _NEEDED_RUNS.setdefault(world, set()).add(value.id)
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +109,8 @@ def launches(checkpoint_root, tmp_path_factory):
         if world not in started:
             out = str(tmp_path_factory.mktemp(f"results-world{world}"))
             # --standalone: a local rendezvous on a port the agent picks itself (no port races).
-            started[world] = (out, Started(WORKER, [str(world), checkpoint_root, out], world,
+            only = ",".join(sorted(_NEEDED_RUNS.get(world, ())))  # empty: every run of the world
+            started[world] = (out, Started(WORKER, [str(world), checkpoint_root, out, only], world,
                                            os.path.join(out, "worker.log"), env, standalone=True))
 
     def get(layout: str) -> Launch:
@@ -134,7 +139,7 @@ def hf_model():
     def get(folder: str, dtype: str = "float32"):
         key = (folder, dtype)
         if key not in cache:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **oracle_options(folder))
             cache[key] = model.eval()
         return cache[key]
 

@@ -40,9 +40,15 @@ class Checkpoint:
     max_shard_size: Optional[str] = None  # shard the *source* checkpoint
 
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "ernie4_5", "glm4", "olmo2", "olmo3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "ernie4_5", "glm4", "olmo2", "olmo3", "gemma2",
+         "gemma3_text")
 # Families checked on 1 and 2 ranks only: the 4-rank launch (4 processes on CI's 2 cores) is the suite's longest.
-TWO_RANK_ARCHS = ("olmo2", "olmo3")
+TWO_RANK_ARCHS = ("olmo2", "olmo3", "gemma2", "gemma3_text")
+# transformers runs Gemma 2 with eager attention (soft-capped scores), where a query with no visible key (left padding)
+# takes the mean of every value, so that position's output depends on how many keys the batch has; its logits reach
+# the loss (they predict the first real token). Sequence parallelism pads the sequence to a multiple of tp: those runs
+# equal transformers on the batch padded the same way (every real position is unaffected; test_parity.oracle_inputs).
+PADDING_SENSITIVE_ARCHS = ("gemma2",)
 
 CHECKPOINTS: dict[str, Checkpoint] = {
     **{arch: Checkpoint(arch) for arch in ARCHS},
@@ -219,6 +225,17 @@ def make_batches(vocab_size: int) -> dict[str, dict]:
         "positions": dict(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels),
         "plain": dict(input_ids=ids[:, :9].clone(), labels=ids[:, :9].clone()),
     }
+
+
+# ---- the oracle ---------------------------------------------------------------------------------
+def oracle_options(folder: str) -> dict:
+    """from_pretrained kwargs for transformers' model of a checkpoint, the oracle: soft-capped attention scores (Gemma 2)
+    in eager attention, the only implementation that applies the cap on CPU (transformers 5.19 picks sdpa by default,
+    which drops it; later releases pick eager themselves)."""
+    from transformers import AutoConfig
+
+    capped = getattr(AutoConfig.from_pretrained(folder), "attn_logit_softcapping", None) is not None
+    return {"attn_implementation": "eager"} if capped else {}
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -39,9 +39,12 @@ CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tools.
     "glm4": ("glm4", {}),  # post-sublayer norms, interleaved rotary on half of each head
     "olmo2": ("olmo2", {}),  # only post-sublayer norms, q/k norms over all heads
     "olmo3": ("olmo3", {}),  # + a window of 5 on three layers of four: decoding runs past it
+    "gemma2": ("gemma2", {}),  # soft-capped attention scores (eager core) and logits, (1 + w) norms, window 5
+    "gemma3_text": ("gemma3_text", {}),  # q/k norms, one rotary table per layer type
     "qwen3_moe": ("qwen3_moe", {}),  # routed experts
     "deepseek_v3": ("deepseek_v3", {}),  # multi-latent attention, shared experts
     "gpt_oss": ("gpt_oss", {}),  # attention sinks, alternating sliding windows, expert biases
+    "glm4_moe": ("glm4_moe", {}),  # partial rotate-half rotary, q/k norms, group-limited sigmoid routing
 }
 
 PAD = 0
@@ -64,6 +67,8 @@ CASES: dict[str, tuple] = {
     "greedy-padded-glm4": ("glm4", "padded", dict(max_new_tokens=24), False),
     "greedy-padded-olmo2": ("olmo2", "padded", dict(max_new_tokens=24), False),
     "greedy-padded-olmo3": ("olmo3", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-gemma2": ("gemma2", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-gemma3": ("gemma3_text", "padded", dict(max_new_tokens=24), False),
     "beam": ("llama", "padded", dict(max_new_tokens=12, num_beams=3, num_return_sequences=2), False),
     "beam-sample": ("llama", "padded", dict(max_new_tokens=10, num_beams=2, **SAMPLING), True),
     "sample": ("llama", "padded", dict(max_new_tokens=16, num_return_sequences=2, **SAMPLING), True),
@@ -78,6 +83,7 @@ CASES: dict[str, tuple] = {
     "moe-greedy-padded": ("qwen3_moe", "padded", dict(max_new_tokens=16), False),
     "mla-greedy-padded": ("deepseek_v3", "padded", dict(max_new_tokens=16), False),
     "sinks-greedy-padded": ("gpt_oss", "padded", dict(max_new_tokens=16), False),
+    "greedy-padded-glm4_moe": ("glm4_moe", "padded", dict(max_new_tokens=16), False),
     # Expert parallelism: each replica its own prompts and length (rank r: seed 7 + r, 6 + 6·r new tokens).
     "moe-per-rank": ("qwen3_moe", "padded", {}, False),
 }
@@ -228,6 +234,7 @@ def _run_layout(layout: str, root: str, out: str) -> None:
 
     from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state
     from mcore_transformers.model.fast_layers import RotaryCachedSelfAttention, SdpaDotProductAttention
+    from mcore_transformers.model.layers import SoftcappedDotProductAttention
 
     sizes = {k: v for k, v in LAYOUTS[layout].items() if k != "world"}
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
@@ -237,11 +244,13 @@ def _run_layout(layout: str, root: str, out: str) -> None:
     def model_for(checkpoint: str) -> MCoreModelForCausalLM:
         if checkpoint not in models:
             models[checkpoint] = MCoreModelForCausalLM.from_pretrained(os.path.join(root, checkpoint), **sizes)
-            # The decode path under test (GQA families): keys cached after rotary, torch sdpa at inference.
+            # The decode path under test (GQA families): keys cached after rotary, torch sdpa at inference (soft-capped
+            # scores: the eager core).
             attention = models[checkpoint].chunks[0].decoder.layers[0].self_attention
             if checkpoint != "deepseek_v3":  # multi-latent attention: megatron's MLA with our core
                 assert isinstance(attention, RotaryCachedSelfAttention), type(attention)
-                assert isinstance(attention.core_attention, SdpaDotProductAttention), type(attention.core_attention)
+                core = SoftcappedDotProductAttention if checkpoint == "gemma2" else SdpaDotProductAttention
+                assert isinstance(attention.core_attention, core), type(attention.core_attention)
         return models[checkpoint]
 
     def record(name: str, fn) -> None:

@@ -28,8 +28,10 @@ LAYOUTS: dict[str, dict] = {
     "pp2": dict(world=2, pp=2),
 }
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")
-MTP_LAYER = 4  # tiny checkpoints have 4 layers; DeepSeek-V3 keeps its MTP layer right after them
+FAMILIES = (
+    "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "glm4_moe", "glm4_moe_lite", "deepseek_v2",
+)
+MTP_LAYER = 4  # tiny checkpoints have 4 layers; DeepSeek-V3 and GLM-4.5 keep their MTP layer right after them
 
 # checkpoint name -> (model_type, make_tiny_checkpoint kwargs, extra)
 CHECKPOINTS: dict[str, tuple[str, dict, str]] = {
@@ -39,6 +41,11 @@ CHECKPOINTS: dict[str, tuple[str, dict, str]] = {
     "mixtral-stacked": ("mixtral", {"stacked_experts": True}, ""),
     # multi-token-prediction tensors transformers does not use: they must survive a save untouched
     "deepseek_v3-mtp": ("deepseek_v3", {"num_nextn_predict_layers": 1}, "mtp"),
+    "glm4_moe-mtp": ("glm4_moe", {"num_nextn_predict_layers": 1}, "mtp"),
+    # DeepSeek-V2-Lite's shape: q_proj (no q_lora_rank), greedy softmax routing over all experts, no scaling
+    "deepseek_v2-lite": ("deepseek_v2", {
+        "q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+    }, ""),
     # Kimi K2's shape: a deepseek_v3 checkpoint with one expert group (no group limit), 8 experts per token, its
     # routed scaling factor and YaRN factor 32
     "deepseek_v3-kimi_k2": ("deepseek_v3", {
@@ -54,9 +61,12 @@ CHECKPOINTS: dict[str, tuple[str, dict, str]] = {
 
 _EVERY = [*FAMILIES]
 PARITY: dict[str, list[str]] = {
-    "single": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2"],
-    "ep2": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2"],
-    "tp2sp": [f for f in _EVERY if f != "gpt_oss"] + ["mixtral-stacked"],  # expert biases need etp=1
+    "single": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2",
+                        "glm4_moe-mtp", "deepseek_v2-lite"],
+    "ep2": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2",
+                     "deepseek_v2-lite"],
+    # expert biases need etp=1
+    "tp2sp": [f for f in _EVERY if f != "gpt_oss"] + ["mixtral-stacked", "deepseek_v2-lite"],
     "tp2ep2etp1": _EVERY + ["qwen3_moe-stacked"],
     "pp2": _EVERY + ["deepseek_v3-mtp", "deepseek_v3-kimi_k2"],
 }

@@ -30,6 +30,7 @@ from dist_cases import (  # noqa: E402
     LAYOUTS, NOTES_TEXT, folder_snapshot, layouts_of_world, make_batches, resolve_source, runs_for,
 )
 from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state  # noqa: E402
+from mcore_transformers.runtime.parallel import ParallelConfig, init_parallel_state  # noqa: E402
 
 RANK = int(os.environ.get("RANK", 0))
 
@@ -140,6 +141,11 @@ def run_layout(layout_name: str, root: str, out: str, only) -> None:
             write_json(os.path.join(out, run.id, f"rank{RANK}.json"), {"crashed": traceback.format_exc()})
         gc.collect()
         barrier()
+    if only and any(bad.id in only for bad in errors):
+        # The error runs expect the layout's parallel state up, as the parity runs before them leave it (a
+        # selection may have skipped those: "layout-change-without-teardown" needs it).
+        sizes = LAYOUTS[layout_name]
+        init_parallel_state(ParallelConfig(tp=sizes["tp"], pp=sizes["pp"], vpp=sizes["vpp"]))
     for bad in errors:
         if only and bad.id not in only:
             continue

@@ -133,12 +133,33 @@ def test_clamped_qkv_is_refused_by_name(model_type):
     assert get_architecture(tiny_config(model_type)).transformer_config()["qk_layernorm"]
 
 
-def test_rotary_settings_that_differ_per_layer_type_are_refused():
+def test_rotary_settings_per_layer_type_give_one_table_per_setting():
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}
-    with pytest.raises(errors.UnsupportedModelError, match="rope_parameters differ between layer types"):
-        get_architecture(tiny_config("olmo3", rope_parameters=rope)).rope()
-    assert get_architecture(tiny_config("olmo3")).rope().shape == (8,)  # the same settings for both: one table
+    arch = get_architecture(tiny_config("olmo3", rope_parameters=rope))
+    tables, table_of_layer = arch.rotary_tables()
+    assert len(tables) == 2 and not tables[0].allclose(tables[1])
+    assert table_of_layer == [int(kind == "full_attention") for kind in arch.hf.layer_types]
+    tables, table_of_layer = get_architecture(tiny_config("olmo3")).rotary_tables()
+    assert len(tables) == 1 and tables[0].shape == (8,) and table_of_layer is None  # the same settings: one table
+
+
+def test_rotary_attention_factors_that_differ_per_layer_type_are_refused():
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                               "rope_theta": 10000.0}}
+    with pytest.raises(errors.UnsupportedModelError, match="attention factors differ between layer types"):
+        get_architecture(tiny_config("gemma3_text", rope_parameters=rope)).transformer_config()
+
+
+@pytest.mark.parametrize("model_type,switch,words", [
+    ("gemma3_text", {"use_bidirectional_attention": True}, ("use_bidirectional_attention=True", "causal")),
+    ("gemma2", {"hidden_activation": "gelu"}, ("'gelu'", "hidden_activation", "gelu_pytorch_tanh")),
+])
+def test_unimplemented_gemma_switch_is_refused_by_name(model_type, switch, words):
+    with pytest.raises(errors.UnsupportedModelError) as err:
+        get_architecture(tiny_config(model_type, **switch)).transformer_config()
+    assert_names(str(err.value), words)
 
 
 def test_longrope_switches_to_its_long_factors_past_the_original_length():
@@ -146,6 +167,40 @@ def test_longrope_switches_to_its_long_factors_past_the_original_length():
     length, long = arch.long_rope()
     assert length == 8 and not long.allclose(arch.rope())
     assert get_architecture(tiny_config("llama")).long_rope() is None
+
+
+@pytest.mark.parametrize("switch,words", [
+    # transformers ignores these two; DeepSeek's reference code honours them: the checkpoint's intent is unclear
+    ({"norm_topk_prob": True}, ("norm_topk_prob=True", "ignores", "renormalises")),
+    ({"moe_layer_freq": 2}, ("moe_layer_freq=2", "ignores")),
+    ({"scoring_func": "sigmoid"}, ("scoring_func='sigmoid'", "softmax")),
+    ({"topk_method": "noaux_tc"}, ("topk_method='noaux_tc'", "'greedy'", "'group_limited_greedy'")),
+])
+def test_deepseek_v2_routing_switches_without_an_exact_mapping_are_refused(switch, words):
+    with pytest.raises(errors.UnsupportedModelError) as err:
+        get_architecture(tiny_config("deepseek_v2", **switch)).transformer_config()
+    assert_names(str(err.value), words)
+
+
+def test_deepseek_v2_group_routing_ranks_groups_by_their_best_score():
+    """group_limited_greedy: megatron's group limit with the best-score ranking; greedy: no group limit."""
+    arch = get_architecture(tiny_config("deepseek_v2"))
+    config = arch.transformer_config()
+    assert (config["moe_router_num_groups"], config["moe_router_group_topk"]) == (4, 2)
+    assert arch.expert_groups_ranked_by_best_score() and config["moe_router_pre_softmax"]
+    greedy = get_architecture(tiny_config("deepseek_v2", topk_method="greedy")).transformer_config()
+    assert "moe_router_group_topk" not in greedy
+
+
+@pytest.mark.parametrize("model_type,switch,words", [
+    ("glm4_moe_lite", {"partial_rotary_factor": 0.5}, ("partial_rotary_factor=0.5", "MLA")),
+    ("glm4_moe", {"norm_topk_prob": False}, ("norm_topk_prob=False", "renormalises")),
+    ("glm4_moe", {"num_experts_per_tok": 6}, ("num_experts_per_tok=6", "topk_group=2", "top 2")),
+])
+def test_unimplemented_glm4_moe_switch_is_refused_by_name(model_type, switch, words):
+    with pytest.raises(errors.UnsupportedModelError) as err:
+        get_architecture(tiny_config(model_type, **switch)).transformer_config()
+    assert_names(str(err.value), words)
 
 
 def test_missing_shard_is_named(checkpoint_root):

@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dist_generate_worker as W  # noqa: E402
+from dist_cases import oracle_options  # noqa: E402
 from launching import launch_together  # noqa: E402
 
 pytestmark = pytest.mark.compat  # all of generate is in the compatibility subset (./dev compat oldest)
@@ -76,7 +77,9 @@ def oracle(checkpoints):
             checkpoint, kind, _, sampled = W.CASES[case]
             folder = os.path.join(checkpoints, checkpoint)
             if folder not in models:
-                models[folder] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                models[folder] = AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=torch.float32, **oracle_options(folder)
+                ).eval()
             kwargs = W.generate_kwargs(case, eos, checkpoints)
             if case in W.RECOMPUTED_BY_TRANSFORMERS:
                 kwargs["use_cache"] = False

@@ -2,7 +2,8 @@
 
 The trainer suites compare whole training runs; this checks the raw backward of families whose
 layers take unusual paths in megatron (GPT-OSS: expert biases added in place after the expert MLP;
-MoE routing; a plain dense model for reference).
+MoE routing; Gemma: soft-capped eager attention, (1 + w) norms, scaled and tied embeddings, per-type rotary;
+a plain dense model for reference).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe", "gpt_oss", "gemma2", "gemma3_text"])
 def test_backward_matches_transformers(tmp_path, model_type):
     from transformers import AutoModelForCausalLM
 

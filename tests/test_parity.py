@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dist_cases import PARITY_RUNS, make_batches
+from dist_cases import LAYOUTS, PADDING_SENSITIVE_ARCHS, PARITY_RUNS, make_batches
 
 # fp32: the issue's bounds. bf16: mcore and HF round differently inside every layer; measured
 # max |mcore bf16 - HF bf16| is ~7e-3 on logits of std ~0.16 (HF bf16 vs HF fp32: ~6e-3), ~4e-4 on the loss.
@@ -44,7 +44,7 @@ _HF_OUTPUTS: dict = {}
 
 def hf_outputs(hf_model, folder: str, dtype: str, batch: str, inputs: dict):
     """transformers' output for these inputs (cached: the logits and loss tests share it)."""
-    key = (folder, dtype, batch)
+    key = (folder, dtype, batch, inputs["input_ids"].shape[-1])
     if key not in _HF_OUTPUTS:
         with torch.no_grad():
             _HF_OUTPUTS[key] = (inputs, hf_model(folder, dtype)(**inputs))
@@ -63,6 +63,26 @@ def read_folder(folder: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def oracle_inputs(run, inputs: dict) -> dict:
+    """What transformers is given for a run's batch: the batch itself, or for a padding-sensitive family under sequence
+    parallelism the batch right-padded to a multiple of tp, as the model runs it (dist_cases.PADDING_SENSITIVE_ARCHS)."""
+    tp = LAYOUTS[run.layout]["tp"]
+    extra = -inputs["input_ids"].shape[-1] % tp
+    if not (run.sequence_parallel and run.checkpoint in PADDING_SENSITIVE_ARCHS and extra):
+        return inputs
+    pad = torch.nn.functional.pad  # as the model pads: token 0, masked, no label, the positions continued
+    ids = inputs["input_ids"]
+    padded = {
+        "input_ids": pad(ids, (0, extra)),
+        "attention_mask": pad(inputs.get("attention_mask", torch.ones_like(ids)), (0, extra)),
+        "labels": pad(inputs["labels"], (0, extra), value=-100),
+    }
+    if "position_ids" in inputs:
+        last = inputs["position_ids"][:, -1:]
+        padded["position_ids"] = torch.cat([inputs["position_ids"], last + torch.arange(1, extra + 1)], -1)
+    return padded
+
+
 def valid_positions(inputs: dict) -> torch.Tensor:
     mask = inputs.get("attention_mask")
     return torch.ones_like(inputs["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
@@ -75,7 +95,8 @@ def test_logits_match_hf(run, launches, hf_model, source):
     record = launches(run.layout).record(run)
     tolerance = TOLERANCES[run.dtype]["logits"]
     for batch, out in record["outputs"].items():
-        expected = hf_outputs(hf_model, source, run.dtype, batch, out["inputs"]).logits
+        seq = out["inputs"]["input_ids"].shape[-1]
+        expected = hf_outputs(hf_model, source, run.dtype, batch, oracle_inputs(run, out["inputs"])).logits[:, :seq]
         assert out["logits"].shape == expected.shape, f"{batch}: logits shape (full vocabulary expected)"
         assert out["logits"].dtype == expected.dtype, f"{batch}: logits dtype"
         valid = valid_positions(out["inputs"])
@@ -89,7 +110,7 @@ def test_loss_matches_hf(run, launches, hf_model, source):
     record = launches(run.layout).record(run)
     tolerance = TOLERANCES[run.dtype]["loss"]
     for batch, out in record["outputs"].items():
-        expected = hf_outputs(hf_model, source, run.dtype, batch, out["inputs"]).loss
+        expected = hf_outputs(hf_model, source, run.dtype, batch, oracle_inputs(run, out["inputs"])).loss
         diff = abs(out["loss"].float().item() - expected.float().item())
         assert diff <= tolerance, f"{batch}: loss {out['loss'].item():.7f} vs HF {expected.item():.7f} (diff {diff:.3g})"
 

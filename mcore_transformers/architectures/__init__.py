@@ -1,9 +1,13 @@
 """One file per HF family: config translation and weight rules. Importing registers them."""
 
 from . import (  # noqa: F401  (registration)
+    deepseek_v2,
     deepseek_v3,
     ernie4_5,
+    gemma,
     glm4,
+    glm4_moe,
+    glm4_moe_lite,
     gpt_oss,
     llama,
     mistral,

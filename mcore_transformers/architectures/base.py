@@ -1,8 +1,8 @@
 """The Llama-shaped decoder every dense family starts from: config translation and weight rules.
 
 A family file subclasses `DecoderArchitecture`, registers its `model_type`, and overrides only what
-its family does differently. The engine reads `transformer_config()`, `rules()`, `rope()` and
-`sliding_window()`; it never asks which family it has.
+its family does differently. The engine reads `transformer_config()`, `rules()`, `rotary_tables()`,
+`sliding_window()` and the other switches below; it never asks which family it has.
 """
 
 from __future__ import annotations
@@ -73,6 +73,15 @@ TE_FUSED_NORM_NAMES = {
 ROPE_TYPES = ("default", "linear", "llama3", "proportional", "yarn", "longrope")
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (transformers' "gelu_pytorch_tanh")."""
+    return F.gelu(x, approximate="tanh")
+
+
+# transformers' activation names → the function megatron's gated MLP applies to the gate.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}
+
+
 class DecoderArchitecture:
     """Llama: RMSNorm, rotary, GQA attention without biases, SwiGLU MLP."""
 
@@ -130,6 +139,24 @@ class DecoderArchitecture:
         False: after (Llama and most others)."""
         return False
 
+    def rms_norm_unit_offset(self) -> bool:
+        """True: every RMSNorm scales by (1 + weight), in float32, then casts back (Gemma); the checkpoint's weight
+        is stored as it is (megatron's `layernorm_zero_centered_gamma`)."""
+        return False
+
+    def embedding_multiplier(self) -> Optional[float]:
+        """A factor on the embedding output, cast to the model dtype first as transformers does (Gemma: sqrt(hidden));
+        None: none."""
+        return None
+
+    def attention_logit_softcap(self) -> Optional[float]:
+        """`cap · tanh(scores / cap)` on the scaled attention scores before the mask and softmax (Gemma 2); None: none."""
+        return None
+
+    def final_logit_softcap(self) -> Optional[float]:
+        """`cap · tanh(logits / cap)` on the LM head's logits (Gemma 2); None: none."""
+        return None
+
     def pre_sublayer_norms(self) -> bool:
         """False: no norm before attention and before the MLP (OLMo2 normalises only their outputs)."""
         return True
@@ -159,11 +186,22 @@ class DecoderArchitecture:
             return {}
         return dict(window_size=(self.hf.sliding_window - 1, 0), window_attn_skip_freq=[int(s) for s in sliding])
 
+    def activation_name(self) -> str:
+        """transformers' name of the MLP's gate activation."""
+        return getattr(self.hf, "hidden_act", "silu")
+
+    def activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        name = self.activation_name()
+        if name not in ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"MLP activation {name!r} (the config's hidden_act / hidden_activation): only gated MLPs with "
+                f"{', '.join(repr(a) for a in ACTIVATIONS)} are supported."
+            )
+        return ACTIVATIONS[name]
+
     def transformer_config(self) -> dict:
         """TransformerConfig kwargs describing the model (the layout and dtype are added by the builder)."""
         hf = self.hf
-        if getattr(hf, "hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"hidden_act={hf.hidden_act!r}: only SwiGLU ('silu') MLPs are supported.")
         if getattr(hf, "clip_qkv", None) is not None:  # OLMo / OLMoE / OLMo2 configs
             raise UnsupportedModelError(f"clip_qkv={hf.clip_qkv}: megatron-core has no clamp on the q/k/v projections.")
         return dict(
@@ -175,8 +213,9 @@ class DecoderArchitecture:
             kv_channels=self.head_dim,
             normalization="RMSNorm",
             layernorm_epsilon=hf.rms_norm_eps,
+            layernorm_zero_centered_gamma=self.rms_norm_unit_offset(),
             gated_linear_unit=True,
-            activation_func=F.silu,
+            activation_func=self.activation(),
             add_bias_linear=self.linear_bias(),
             add_qkv_bias=self.qkv_bias() or self.linear_bias(),
             qk_layernorm=self.qk_layernorm(),
@@ -195,9 +234,41 @@ class DecoderArchitecture:
         """(experts, top_k, coefficient) of transformers' MoE load-balancing loss; None: the family has none."""
         return None
 
-    def rope(self) -> torch.Tensor:
-        """Rotary inverse frequencies exactly as transformers computes them for this config."""
-        return self._rope()[0]
+    def expert_groups_ranked_by_best_score(self) -> bool:
+        """Group-limited routing (`moe_router_num_groups` / `moe_router_group_topk`) that ranks each group of experts
+        by its best score (DeepSeek-V2's "group_limited_greedy"); False: by the sum of its top (top_k // group_topk)
+        scores, megatron's ranking."""
+        return False
+
+    def mla_latent_norm_eps(self) -> Optional[float]:
+        """Epsilon of multi-latent attention's q/kv latent norms, where it is not the config's `rms_norm_eps`."""
+        return None
+
+    def rope(self, layer_type: Optional[str] = None) -> torch.Tensor:
+        """Rotary inverse frequencies exactly as transformers computes them for this config (for the layers of
+        `layer_type` where the config keeps rotary settings per layer type)."""
+        return self._rope(layer_type)[0]
+
+    def rotary_tables(self) -> tuple[list[torch.Tensor], Optional[list[int]]]:
+        """The rotary inverse-frequency tables, and per layer (global index) the one it rotates by; None when every
+        layer uses the first. Layer types with the same settings share a table (one table: the engine's plain path)."""
+        types = self.rope_layer_types()
+        if types is None:
+            return [self.rope()], None
+        kinds = list(dict.fromkeys(types))  # one representative per distinct setting, in order of first use
+        distinct = [kind for i, kind in enumerate(kinds)
+                    if all(self.rope_parameters(kind) != self.rope_parameters(k) for k in kinds[:i])]
+        if len(distinct) == 1:
+            return [self.rope(distinct[0])], None
+        if self.long_rope() is not None:
+            raise UnsupportedModelError(
+                "longrope rotary on a config with rotary settings per layer type: the switch to the long factors is "
+                "implemented for one rotary table only."
+            )
+        table_of = {kind: next(i for i, d in enumerate(distinct) if self.rope_parameters(d) == self.rope_parameters(kind))
+                    for kind in kinds}
+        self.rope_attention_factor()  # refuses factors that differ per layer type
+        return [self.rope(kind) for kind in distinct], [table_of[kind] for kind in types]
 
     def long_rope(self) -> Optional[tuple[int, torch.Tensor]]:
         """(length, inverse frequencies) that replace `rope()` in a forward whose positions reach past `length`:
@@ -205,26 +276,48 @@ class DecoderArchitecture:
         position, as transformers does. None: one set of frequencies for every length."""
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        params = self.rope_parameters()
-        if params.get("rope_type") != "longrope":
+        types = self.rope_layer_types() or [None]
+        longrope = [kind for kind in dict.fromkeys(types) if self.rope_parameters(kind).get("rope_type") == "longrope"]
+        if not longrope:
             return None
+        params = self.rope_parameters(longrope[0])
         length = params.get("original_max_position_embeddings") or self.hf.original_max_position_embeddings
-        inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](self.hf, torch.device("cpu"), seq_len=length + 1, **self._layer_type())
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](
+            self.hf, torch.device("cpu"), seq_len=length + 1, **self._layer_type(longrope[0])
+        )
         return int(length), inv_freq
 
-    def rope_layer_type(self) -> Optional[str]:
-        """The layer type whose `rope_parameters` entry holds the rotary settings, for configs that keep one per
-        layer type (OLMo3); None: `rope_parameters` is one set for every layer."""
+    def rope_layer_types(self) -> Optional[list[str]]:
+        """Per layer, the key of its rotary settings in `rope_parameters`, for configs that keep one set per layer
+        type (transformers' `layer_types`: Gemma 3, OLMo3); None: `rope_parameters` is one set for every layer."""
+        params = getattr(self.hf, "rope_parameters", None) or {}
+        types = getattr(self.hf, "layer_types", None)
+        if types and all(isinstance(params.get(kind), dict) for kind in types):
+            return list(types)
         return None
 
-    def rope_parameters(self) -> dict:
+    def rope_parameters(self, layer_type: Optional[str] = None) -> dict:
+        """The rotary settings (of the layers of `layer_type`; None: of the first layer)."""
         params = getattr(self.hf, "rope_parameters", None) or {}
-        layer_type = self.rope_layer_type()
-        return params[layer_type] if layer_type is not None else params
+        types = self.rope_layer_types()
+        return params if types is None else params[layer_type or types[0]]
 
-    def _layer_type(self) -> dict:
-        layer_type = self.rope_layer_type()
-        return {} if layer_type is None else {"layer_type": layer_type}
+    def _layer_type(self, layer_type: Optional[str] = None) -> dict:
+        """transformers' rope init functions' `layer_type` argument, where the config keeps settings per layer type."""
+        types = self.rope_layer_types()
+        return {} if types is None else {"layer_type": layer_type or types[0]}
+
+    def rope_attention_factor(self) -> float:
+        """The factor transformers multiplies cos and sin by (YaRN's mscale; 1 for most rope types), the same on every
+        layer: one softmax scale holds it (refused when layer types differ)."""
+        types = self.rope_layer_types()
+        factors = {kind: self._rope(kind)[1] for kind in dict.fromkeys(types or [None])}
+        if len(set(factors.values())) > 1:
+            raise UnsupportedModelError(
+                f"rotary attention factors differ between layer types ({factors}): megatron-core has one softmax scale "
+                "for every layer."
+            )
+        return next(iter(factors.values()))
 
     def softmax_scale(self) -> Optional[float]:
         """The attention score scale, when the rope changes it (None: 1/sqrt(head_dim)).
@@ -232,13 +325,13 @@ class DecoderArchitecture:
         transformers multiplies cos and sin by the rope's attention factor (YaRN's mscale), so every
         q·k grows by its square; megatron gets the same scores from a larger softmax scale.
         """
-        scaling = self._rope()[1]
+        scaling = self.rope_attention_factor()
         return None if scaling == 1.0 else scaling**2 / math.sqrt(self.head_dim)
 
-    def _rope(self) -> tuple[torch.Tensor, float]:
+    def _rope(self, layer_type: Optional[str] = None) -> tuple[torch.Tensor, float]:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        params = self.rope_parameters()
+        params = self.rope_parameters(layer_type)
         rope_type = params.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(
@@ -248,7 +341,9 @@ class DecoderArchitecture:
             base = params.get("rope_theta", getattr(self.hf, "rope_theta", 10000.0))
             dim = int(self.head_dim * params.get("partial_rotary_factor", 1.0))
             return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
-        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](self.hf, torch.device("cpu"), **self._layer_type())
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](
+            self.hf, torch.device("cpu"), **self._layer_type(layer_type)
+        )
         return inv_freq, float(attention_scaling)
 
     def module_path(self, tensor_path: str) -> str:

@@ -1,4 +1,5 @@
 """DeepSeek-V3: multi-latent attention (MLA) and sigmoid-scored routing with a score correction bias.
+Its mixture of experts (`DeepseekMoE`) is shared with GLM-4.5 (glm4_moe), its MLA with DeepSeek-V2 and GLM-4.7-Flash.
 
 - Attention: q through a low-rank bottleneck (q_a_proj → q_a_layernorm → q_b_proj, or one q_proj when
   q_lora_rank is None); k/v from a shared latent (kv_a_proj_with_mqa → kv_a_layernorm → kv_b_proj) plus
@@ -21,15 +22,57 @@ from ..errors import UnsupportedModelError
 from .base import HF_LAYER, LAYER, MoEDecoder, register
 
 
-@register
-class DeepseekV3(MoEDecoder):
-    model_types = ("deepseek_v3",)
+class DeepseekMoE(MoEDecoder):
+    """DeepSeek's mixture of experts: `n_routed_experts` with sigmoid ("noaux_tc") routing, `n_shared_experts`
+    shared experts, dense first `first_k_dense_replace` layers."""
+
     hf_shared_expert = "shared_experts."
     hf_expert_bias = "gate.e_score_correction_bias"
+
+    def num_experts(self) -> int:
+        return self.hf.n_routed_experts
+
+    def shared_expert_size(self) -> Optional[int]:
+        shared = getattr(self.hf, "n_shared_experts", None)
+        return self.hf.moe_intermediate_size * shared if shared else None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= (self.hf.first_k_dense_replace or 0)
+
+    def router_config(self) -> dict:
+        hf, top_k = self.hf, self.experts_per_token()
+        if top_k > 1 and not self.normalize_top_k():
+            raise UnsupportedModelError(
+                "sigmoid routing with norm_topk_prob=False: megatron always renormalises the top-k weights."
+            )
+        config = dict(
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_topk_scaling_factor=hf.routed_scaling_factor,
+            moe_router_dtype="fp32",  # transformers scores in float32 whatever the model dtype
+        )
+        groups, chosen = hf.n_group or 1, hf.topk_group or 1
+        if 1 < groups and chosen < groups:
+            # transformers ranks a group by the sum of its two best scores; megatron by its top_k // topk_group.
+            if top_k // chosen != 2:
+                raise UnsupportedModelError(
+                    f"group-limited routing with num_experts_per_tok={top_k}, topk_group={chosen}: megatron ranks "
+                    "groups by their top (num_experts_per_tok // topk_group) scores, transformers by their top 2."
+                )
+            config.update(moe_router_num_groups=groups, moe_router_group_topk=chosen)
+        return config
+
+
+@register
+class DeepseekV3(DeepseekMoE):
+    model_types = ("deepseek_v3",)
 
     # ---- attention (MLA) -----------------------------------------------------------------------
     def qk_layernorm(self) -> bool:
         return True  # megatron builds MLA's q/kv latent norms only with qk_layernorm
+
+    def mla_latent_norm_eps(self) -> Optional[float]:
+        return 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with RMSNorm's default, not rms_norm_eps
 
     def _rope_parameters(self) -> dict:
         return getattr(self.hf, "rope_parameters", None) or {}
@@ -41,6 +84,11 @@ class DeepseekV3(MoEDecoder):
         if not getattr(hf, "rope_interleave", True):
             raise UnsupportedModelError(
                 "rope_interleave=False: megatron's MLA always reads the rotary dimensions as interleaved pairs."
+            )
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModelError(
+                f"partial_rotary_factor={rope['partial_rotary_factor']}: megatron's MLA rotates all "
+                "qk_rope_head_dim dimensions of each head."
             )
         config = dict(
             multi_latent_attention=True,
@@ -104,37 +152,3 @@ class DeepseekV3(MoEDecoder):
             Column(attn + "linear_kv_up_proj.weight", hf_attn + "kv_b_proj.weight"),
             Row(attn + "linear_proj.weight", hf_attn + "o_proj.weight"),
         ]
-
-    # ---- mixture of experts --------------------------------------------------------------------
-    def num_experts(self) -> int:
-        return self.hf.n_routed_experts
-
-    def shared_expert_size(self) -> Optional[int]:
-        shared = getattr(self.hf, "n_shared_experts", None)
-        return self.hf.moe_intermediate_size * shared if shared else None
-
-    def is_moe_layer(self, layer: int) -> bool:
-        return layer >= (self.hf.first_k_dense_replace or 0)
-
-    def router_config(self) -> dict:
-        hf, top_k = self.hf, self.experts_per_token()
-        if top_k > 1 and not self.normalize_top_k():
-            raise UnsupportedModelError(
-                "sigmoid routing with norm_topk_prob=False: megatron always renormalises the top-k weights."
-            )
-        config = dict(
-            moe_router_score_function="sigmoid",
-            moe_router_enable_expert_bias=True,
-            moe_router_topk_scaling_factor=hf.routed_scaling_factor,
-            moe_router_dtype="fp32",  # transformers scores in float32 whatever the model dtype
-        )
-        groups, chosen = hf.n_group or 1, hf.topk_group or 1
-        if 1 < groups and chosen < groups:
-            # transformers ranks a group by the sum of its two best scores; megatron by its top_k // topk_group.
-            if top_k // chosen != 2:
-                raise UnsupportedModelError(
-                    f"group-limited routing with num_experts_per_tok={top_k}, topk_group={chosen}: megatron ranks "
-                    "groups by their top (num_experts_per_tok // topk_group) scores, transformers by their top 2."
-                )
-            config.update(moe_router_num_groups=groups, moe_router_group_topk=chosen)
-        return config

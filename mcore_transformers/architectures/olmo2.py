@@ -1,12 +1,10 @@
 """OLMo2 and OLMo3: no norm before attention or the MLP, an RMSNorm on each one's output
 before the residual add (`post_attention_layernorm`, `post_feedforward_layernorm`), RMSNorm over the whole q
 and k projections (all heads at once), norms that multiply by the weight in float32. OLMo3 adds a sliding window on the layers transformers marks
-"sliding_attention", and keeps rotary settings per layer type (one table: they must agree)."""
+"sliding_attention", and keeps rotary settings per layer type (one rotary table per distinct setting, see
+`DecoderArchitecture.rotary_tables`)."""
 
 from ..conversion.rules import Replicated, Rule
-from ..errors import UnsupportedModelError
-from typing import Optional
-
 from .base import HF_LAYER, LAYER, DecoderArchitecture, register
 
 
@@ -39,15 +37,6 @@ class Olmo2(DecoderArchitecture):
 @register
 class Olmo3(Olmo2):
     model_types = ("olmo3",)
-
-    def rope_layer_type(self) -> Optional[str]:
-        params, kinds = self.hf.rope_parameters, sorted(set(self.hf.layer_types))
-        if any(params.get(kind) != params.get(kinds[0]) for kind in kinds):
-            raise UnsupportedModelError(
-                f"rope_parameters differ between layer types ({', '.join(f'{k}: {params.get(k)}' for k in kinds)}): "
-                "one rotary table per layer type is not supported yet."
-            )
-        return kinds[0]
 
     def transformer_config(self) -> dict:
         config = super().transformer_config()

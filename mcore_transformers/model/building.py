@@ -19,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -40,17 +41,22 @@ from .fast_layers import (
     SdpaDotProductAttention,
 )
 from .layers import (
+    BestScoreGroupRouter,
     KeyProjectionRMSNorm,
     KeyProjectionRMSNormWeightInFloat32,
     LatentDotProductAttention,
     MLASelfAttentionOwnRotary,
     QueryProjectionRMSNorm,
     QueryProjectionRMSNormWeightInFloat32,
+    SoftcappedDotProductAttention,
     TransformersRMSNorm,
+    TransformersRMSNormUnitOffset,
     TransformersRMSNormWeightInFloat32,
+    with_epsilon,
     with_post_norm,
 )
 from .padding_row import freeze_pad_row_lookups
+from .stream_ends import scale_embedding_output, softcap_logits
 from ..runtime.cpu import bridge_missing_transformer_engine
 from ..runtime.parallel import ParallelConfig
 
@@ -206,10 +212,11 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
         not config.num_moe_experts and not config.multi_latent_attention and not arch.qk_norm_over_heads()
         and arch.pre_sublayer_norms()
     )
-    norm = TransformersRMSNormWeightInFloat32 if arch.rms_norm_weight_in_float32() else TransformersRMSNorm
+    norm = _norm_class(arch)
     if plain and use_te:
-        spec = _layer_spec(config, use_te)  # (TE's fused norms: nothing to swap)
+        spec = _layer_spec(config, use_te)  # (TE's fused norms: nothing to swap; they read layernorm_zero_centered_gamma)
         _add_post_norms([spec], arch, norm)
+        _softcap_attention([spec], arch)
         return spec
     if plain:
         layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -231,7 +238,50 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
     if not arch.pre_sublayer_norms():
         _drop_pre_norms(block.layer_specs, use_te)
     _add_post_norms(block.layer_specs, arch, norm)
+    _softcap_attention(block.layer_specs, arch)
+    _route_groups_by_best_score(block.layer_specs, config, arch)
+    _latent_norms_with_own_eps(block.layer_specs, config, arch, norm, use_te)
     return block
+
+
+def _norm_class(arch: DecoderArchitecture) -> type:
+    """transformers' RMSNorm arithmetic of the family: (1 + weight) in float32, weight in float32, or Llama's."""
+    if arch.rms_norm_unit_offset():
+        return TransformersRMSNormUnitOffset
+    return TransformersRMSNormWeightInFloat32 if arch.rms_norm_weight_in_float32() else TransformersRMSNorm
+
+
+def _softcap_attention(specs, arch: DecoderArchitecture) -> None:
+    """Families that soft-cap the attention scores (Gemma 2): the eager core with the cap (torch's sdpa has none)."""
+    cap = arch.attention_logit_softcap()
+    if cap is None:
+        return
+    for spec in {id(spec): spec for spec in specs}.values():
+        attention = spec.submodules.self_attention
+        if attention.module is not RotaryCachedSelfAttention:
+            raise UnsupportedModelError("Attention logit soft-capping is supported on grouped-query attention only.")
+        attention.submodules.core_attention = ModuleSpec(module=SoftcappedDotProductAttention, params={"softcap": cap})
+
+
+def _assign_rotary_tables(chunks, arch: DecoderArchitecture) -> None:
+    """Layer types with their own rotary settings: the forward's angles hold one block of columns per rotary table
+    (`MCoreModelForCausalLM.rotary_angles_for`); each attention layer is told which block is its table's."""
+    tables, table_of_layer = arch.rotary_tables()
+    if table_of_layer is None:
+        return
+    bounds = [0]
+    for table in tables:  # each frequency rotates two elements of the head
+        bounds.append(bounds[-1] + 2 * table.numel())
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            attention = layer.self_attention
+            if not isinstance(attention, RotaryCachedSelfAttention):
+                raise UnsupportedModelError(
+                    f"{type(attention).__name__} with rotary settings per layer type: only grouped-query attention "
+                    "layers take one rotary table per layer type."
+                )
+            table = table_of_layer[layer.layer_number - 1]
+            attention.rotary_columns = (bounds[table], bounds[table + 1])
 
 
 def _drop_pre_norms(specs, use_te: bool) -> None:
@@ -260,6 +310,31 @@ def _add_post_norms(specs, arch: DecoderArchitecture, norm: type) -> None:
             raise UnsupportedModelError("Post-sublayer norms on a mixture-of-experts layer are not supported.")
         attention.linear_proj = with_post_norm(attention.linear_proj, norm)
         mlp.linear_fc2 = with_post_norm(mlp.linear_fc2, norm)
+
+
+def _route_groups_by_best_score(specs, config: TransformerConfig, arch: DecoderArchitecture) -> None:
+    """Group-limited routing that ranks each group by its best score (`expert_groups_ranked_by_best_score`): the MoE
+    layers' router is `BestScoreGroupRouter` instead of megatron's TopKRouter."""
+    if config.moe_router_group_topk and arch.expert_groups_ranked_by_best_score():
+        for spec in {id(spec): spec for spec in specs}.values():
+            _replace_module(spec, TopKRouter, BestScoreGroupRouter)
+
+
+def _latent_norms_with_own_eps(specs, config: TransformerConfig, arch: DecoderArchitecture, norm: type, use_te: bool):
+    """MLA's q/kv latent norms with the epsilon transformers gives them (`mla_latent_norm_eps`) where it is not the
+    other norms' (megatron builds every norm with layernorm_epsilon). Transformer Engine fuses these norms into the
+    up-projections with the config's epsilon: there the norm becomes a module of its own before a plain linear."""
+    eps = arch.mla_latent_norm_eps()
+    if not config.multi_latent_attention or eps is None or eps == config.layernorm_epsilon:
+        return
+    latent_norm = with_epsilon(norm, eps)
+    for spec in {id(spec): spec for spec in specs}.values():
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.kv_layernorm = latent_norm
+        if use_te:
+            from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+            attention.linear_q_up_proj = attention.linear_kv_up_proj = TEColumnParallelLinear
 
 
 def _customise_attention(attention: ModuleSpec, config: TransformerConfig, use_te: bool, arch: DecoderArchitecture):
@@ -371,6 +446,9 @@ def build_model(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.
             chunk.output_layer.__class__ = FastColumnParallelLinear
     mark_tensor_parallel_weights(chunks)
     freeze_pad_row_lookups(chunks, getattr(arch.hf, "pad_token_id", None), vocab, layout.sequence_parallel)
+    scale_embedding_output(chunks, arch.embedding_multiplier())
+    softcap_logits(chunks, arch.final_logit_softcap())
+    _assign_rotary_tables(chunks, arch)
     shard_layout = ShardLayout(
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=tp,

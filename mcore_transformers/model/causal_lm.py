@@ -84,14 +84,18 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         self._bound = bound
         self._plan: Optional[list[PlannedTensor]] = None
         self._plan_dtype: Optional[torch.dtype] = None
-        self.register_buffer("rotary_inv_freq", arch.rope(), persistent=False)
+        tables, _ = arch.rotary_tables()  # more than one: per layer type (the builder gave each layer its columns)
+        self.register_buffer("rotary_inv_freq", tables[0], persistent=False)
+        self.rotary_table_count = len(tables)
+        for index, table in enumerate(tables[1:], 1):
+            self.register_buffer(f"rotary_inv_freq_{index}", table, persistent=False)
         long_rope = arch.long_rope()
         self.rotary_switch_length = long_rope[0] if long_rope is not None else None
         self.register_buffer("rotary_inv_freq_long", long_rope[1] if long_rope is not None else None, persistent=False)
         # Full-vocabulary views, registered so that code looking for them among the model's modules finds them
         # (peft's "all-linear" excludes the head by identity). Not under transformers' names: peft targets
         # by name, and these are views, not layers it could adapt (LoRA targets are the decoder's linears).
-        self.embed_tokens_view = VocabView(self, input_name(self), source_stage=0)
+        self.embed_tokens_view = VocabView(self, input_name(self), source_stage=0, multiplier=arch.embedding_multiplier())
         head = output_name(self)
         if head is not None:
             self.lm_head_view = VocabView(self, head, source_stage=0 if head == input_name(self) else -1)
@@ -277,6 +281,15 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         longer = positions.max().to(self.rotary_inv_freq.device) + 1 > self.rotary_switch_length
         return torch.where(longer, self.rotary_inv_freq_long, self.rotary_inv_freq)
 
+    def rotary_angles_for(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotary angles of a forward over `positions` (`[past + s, b, 1, width]`): one block of columns per
+        rotary table, in table order, each layer rotating by its own (`RotaryCachedSelfAttention.rotary_columns`)."""
+        arch = self.arch
+        tables = [self.rotary_frequencies(positions)]
+        tables += [getattr(self, f"rotary_inv_freq_{index}") for index in range(1, self.rotary_table_count)]
+        angles = [rotary_angles(positions, table, arch.rotary_interleaved(), arch.rotary_components()) for table in tables]
+        return angles[0] if len(angles) == 1 else torch.cat(angles, -1)
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -407,10 +420,7 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
             attention_mask=attention_mask_for(
                 attention_mask, batch, padded_seq, self.arch.sliding_window(), device, past=past, segments=packed
             ),
-            rotary=rotary_angles(
-                rotary_positions, self.rotary_frequencies(rotary_positions), self.arch.rotary_interleaved(),
-                self.arch.rotary_components(),
-            ),
+            rotary=self.rotary_angles_for(rotary_positions),
             inference_context=cache.context if cache is not None else None,
             # Under sequence parallelism the output layer gathers the sequence itself: cut afterwards.
             keep=None if sequence_parallel else keep,

@@ -28,7 +28,7 @@ forward, the sdpa core and tp=1 linears serve training too (same arithmetic, dif
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor_from_config
@@ -159,10 +159,19 @@ def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((t, t_pass), dim=-1) if t_pass.shape[-1] else t  # (megatron copies an empty t_pass in)
 
 
-def _step_cos_sin(angles: torch.Tensor, start: int, end: int, mscale: float, dtype: torch.dtype):
+def _step_cos_sin(angles: torch.Tensor, start: int, end: int, mscale: float, dtype: torch.dtype, table: int = 0):
     return FORWARD_MEMO.get(
-        "rotary", angles, (start, end, mscale, dtype), lambda: rotary_cos_sin(angles[start:end], mscale, dtype)
+        f"rotary{table}", angles, (start, end, mscale, dtype), lambda: rotary_cos_sin(angles[start:end], mscale, dtype)
     )
+
+
+def layer_angles(angles: torch.Tensor, columns: Optional[tuple[int, int]]) -> torch.Tensor:
+    """This layer's rotary angles: the forward's angles hold one block of columns per rotary table (layer types
+    with their own rotary settings), `columns` the block of this layer's table (None: one table, all columns). The
+    slice is the same tensor object for every layer of that table within one forward, so their cos/sin are computed once."""
+    if columns is None:
+        return angles
+    return FORWARD_MEMO.get(f"rotary_table{columns[0]}", angles, columns, lambda: angles[..., columns[0] : columns[1]])
 
 
 # ---- attention ---------------------------------------------------------------------------------
@@ -180,7 +189,12 @@ class RotaryCachedSelfAttention(SelfAttention):
     for all `offset + s` positions (the new tokens use `[offset : offset + s]`). With flash decoding,
     fused or interleaved rotary, context parallelism, packed sequences, output gates, skipped rotary
     layers, offloading or recomputed core attention, it is megatron's forward.
+
+    `rotary_columns` (set by the builder where layer types have their own rotary tables): the block of the
+    angles' last dimension that holds this layer's table; both paths see only that block.
     """
+
+    rotary_columns: Optional[tuple[int, int]] = None
 
     def _lean(self, inference_context, key_value_states, packed_seq_params) -> bool:
         config = self.config
@@ -206,6 +220,8 @@ class RotaryCachedSelfAttention(SelfAttention):
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                 attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
         inference_context = deprecate_inference_params(inference_context, inference_params)
+        if isinstance(rotary_pos_emb, torch.Tensor):
+            rotary_pos_emb = layer_angles(rotary_pos_emb, self.rotary_columns)
         if not self._lean(inference_context, key_value_states, packed_seq_params):
             return super().forward(
                 hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb, rotary_pos_cos,
@@ -216,7 +232,8 @@ class RotaryCachedSelfAttention(SelfAttention):
             angles = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
             start = inference_context.sequence_len_offset if inference_context is not None else 0
             mscale = _yarn_get_concentration_factor_from_config(self.config)
-            cos, sin = _step_cos_sin(angles, start, start + key.size(0), mscale, query.dtype)
+            table = self.rotary_columns[0] if self.rotary_columns is not None else 0
+            cos, sin = _step_cos_sin(angles, start, start + key.size(0), mscale, query.dtype, table)
             query, key = rotate(query, cos, sin), rotate(key, cos, sin)
         attn_mask_type = self.attn_mask_type
         if inference_context is not None:

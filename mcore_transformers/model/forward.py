@@ -34,7 +34,9 @@ class StreamEdits:
 class ForwardInputs:
     input_ids: torch.Tensor  # [b, s]
     attention_mask: torch.Tensor  # [b, 1, s, past + s] bool, True = masked out
-    rotary: torch.Tensor  # [past + s, b, 1, rotary_dim] angles: the cached keys' positions, then these
+    # [past + s, b, 1, rotary_dim] angles: the cached keys' positions, then these (one block of columns per rotary
+    # table where layer types have their own, see MCoreModelForCausalLM.rotary_angles_for)
+    rotary: torch.Tensor
     # megatron-core inference context holding this rank's KV cache (None: no cache). Attention writes
     # this step's keys/values at its `sequence_len_offset` and attends over everything cached so far.
     inference_context: Optional[Any] = None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 import torch.distributed.nn as dist_nn
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+from megatron.core.transformer.moe.router import TopKRouter
 
 
 class MaskedRowsDotProductAttention(DotProductAttention):
@@ -41,6 +43,44 @@ class MaskedRowsDotProductAttention(DotProductAttention):
             return context
         blind = attention_mask.all(dim=-1)  # [b, 1, s]: rows with no visible key
         return context.masked_fill(blind.permute(2, 0, 1), 0.0)  # context is [s, b, h]
+
+
+class SoftcappedDotProductAttention(MaskedRowsDotProductAttention):
+    """The attention core with the scores soft-capped, `cap · tanh(scores / cap)`, before the mask and softmax (Gemma 2's
+    `attn_logit_softcapping`), computed as transformers' eager attention computes it: scaled q·k per head (KV heads
+    repeated), the cap, masked scores at the dtype's minimum, softmax in float32 cast back, then the values. torch's
+    sdpa has no cap, megatron's core neither. Eager attention is what transformers runs for soft-capped scores, so a
+    query with no visible key (left padding) averages every value as it does there, not zeros as the parent class:
+    such a position's logits reach the loss when the next label is real."""
+
+    def __init__(self, *args, softcap: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.softcap = softcap
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_bias is not None or packed_seq_params is not None or self.softmax_offset is not None:
+            raise NotImplementedError("soft-capped attention takes no attention bias, packed sequences or sinks.")
+        if attention_mask is None:  # megatron's causal default: the queries are the last positions of the keys
+            queries, keys = query.shape[0], key.shape[0]
+            attention_mask = torch.ones(queries, keys, dtype=torch.bool, device=query.device).triu(keys - queries + 1)
+            attention_mask = attention_mask[None, None]
+        hidden = self.with_window(attention_mask)
+        # [s, b, heads, d] -> [b, heads, s, d]; KV heads repeated for their query heads, as transformers' repeat_kv
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        repeats = q.shape[1] // k.shape[1]
+        if repeats > 1:
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.softmax_scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if dropout > 0:
+            with get_cuda_rng_tracker().fork():
+                probs = torch.nn.functional.dropout(probs, p=dropout)
+        context = torch.matmul(probs, v)  # [b, heads, s, d]
+        return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
 
 class LatentDotProductAttention(MaskedRowsDotProductAttention):
@@ -125,6 +165,7 @@ class TransformersRMSNorm(torch.nn.Module):
     """
 
     weight_in_float32 = False  # GPT-OSS: (weight * x).to(dtype) instead of weight * x.to(dtype)
+    unit_offset = False  # Gemma: (x * (1 + weight.float())).to(dtype)
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
         super().__init__()
@@ -136,6 +177,8 @@ class TransformersRMSNorm(torch.nn.Module):
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         if self.weight_in_float32:
             return (self.weight * x).to(dtype)
         return self.weight * x.to(dtype)
@@ -143,6 +186,13 @@ class TransformersRMSNorm(torch.nn.Module):
 
 class TransformersRMSNormWeightInFloat32(TransformersRMSNorm):
     weight_in_float32 = True
+
+
+class TransformersRMSNormUnitOffset(TransformersRMSNorm):
+    """Gemma's RMSNorm: scaled by (1 + weight) in float32. The parameter is the checkpoint's weight as it is (zeros: the
+    identity), so it loads and exports unchanged; megatron's name for this norm is `layernorm_zero_centered_gamma`."""
+
+    unit_offset = True
 
 
 def with_post_norm(linear_class: type, norm_class: type) -> type:
@@ -167,3 +217,51 @@ def _normalise_output(linear, args, result):
     if bias is not None:
         output = output + bias
     return linear.post_norm(output), None
+
+
+def with_epsilon(norm_class: type, eps: float) -> type:
+    """`norm_class` built with `eps` whatever epsilon megatron passes it: transformers' DeepSeek-style MLA builds its
+    q/kv latent norms with RMSNorm's default epsilon, not the config's `rms_norm_eps` that megatron gives every norm."""
+
+    class FixedEpsilon(norm_class):
+        def __init__(self, config, hidden_size: int, **kwargs):
+            super().__init__(config, hidden_size, **{**kwargs, "eps": eps})
+
+    FixedEpsilon.__name__ = FixedEpsilon.__qualname__ = f"FixedEpsilon{norm_class.__name__}"
+    return FixedEpsilon
+
+
+class BestScoreGroupRouter(TopKRouter):
+    """megatron's top-k router with group-limited routing that ranks each group of experts by its best score.
+
+    DeepSeek-V2's "group_limited_greedy" (transformers' DeepseekV2TopkRouter): softmax over all experts, keep the
+    `moe_router_group_topk` groups whose best score is highest, take the top-k scores among their experts, scaled by
+    `moe_router_topk_scaling_factor`. megatron's own routing ranks a group by the sum of its top (top_k // group_topk)
+    scores: the same groups only when that quotient is 1. megatron's auxiliary losses, z-loss and token dropping are
+    not applied here; the architectures that choose this router run without them (refused below otherwise).
+    """
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        extras = self.is_aux_loss_enabled() or config.moe_z_loss_coeff or config.moe_expert_capacity_factor is not None
+        if config.moe_router_score_function != "softmax" or not config.moe_router_pre_softmax or extras:
+            raise ValueError(
+                "BestScoreGroupRouter routes by a softmax over all experts, without auxiliary losses, z-loss or "
+                "token dropping."
+            )
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        config = self.config
+        logits = logits.view(-1, config.num_moe_experts)
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+        groups = config.moe_router_num_groups
+        best = scores.view(scores.shape[0], groups, -1).amax(dim=-1)  # [tokens, groups]
+        kept = best.topk(config.moe_router_group_topk, dim=-1).indices
+        in_kept_group = torch.zeros_like(best, dtype=torch.bool).scatter(1, kept, True)
+        in_kept_group = in_kept_group.repeat_interleave(config.num_moe_experts // groups, dim=1)
+        probs, chosen = scores.masked_fill(~in_kept_group, 0.0).topk(self.topk, dim=-1)
+        if config.moe_router_topk_scaling_factor:
+            probs = probs * config.moe_router_topk_scaling_factor
+        routing_probs = torch.zeros_like(logits).scatter(1, chosen, probs)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)
+        return routing_probs, routing_map

@@ -63,11 +63,14 @@ class FullVocabWeight(torch.Tensor):
 
 
 class VocabView(nn.Module):
-    """The full-vocabulary face of a sharded embedding or LM head (what `get_input_embeddings()` returns)."""
+    """The full-vocabulary face of a sharded embedding or LM head (what `get_input_embeddings()` returns).
 
-    def __init__(self, model, hf_name: str, source_stage: int):
+    `multiplier`: the factor the model applies to the embedding output (Gemma's sqrt(hidden)), applied by `forward` too,
+    as transformers' scaled embedding module does."""
+
+    def __init__(self, model, hf_name: str, source_stage: int, multiplier: Optional[float] = None):
         super().__init__()
-        self.__dict__.update(_model=model, hf_name=hf_name, source_stage=source_stage)
+        self.__dict__.update(_model=model, hf_name=hf_name, source_stage=source_stage, multiplier=multiplier)
 
     @property
     def num_embeddings(self) -> int:
@@ -105,7 +108,8 @@ class VocabView(nn.Module):
         weight = self.weight
         if isinstance(weight, FullVocabWeight):
             weight = weight.as_subclass(torch.Tensor)
-        return nn.functional.embedding(input_ids.to(self._model.device), weight)
+        rows = nn.functional.embedding(input_ids.to(self._model.device), weight)
+        return rows if self.multiplier is None else rows * torch.tensor(self.multiplier).to(rows.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.hf_name}: {self.num_embeddings} × {self.embedding_dim}, sharded by megatron-core"

@@ -34,6 +34,17 @@ FAMILIES: dict[str, dict] = {
     "glm4": dict(head_dim=16, pad_token_id=None, eos_token_id=2),  # post-sublayer norms, half-head interleaved rotary
     "olmo2": dict(pad_token_id=0, num_key_value_heads=4),  # only post-sublayer norms; q/k norms over all heads (MHA)
     "olmo3": dict(pad_token_id=0, num_key_value_heads=4, sliding_window=5),  # + a window on 3 of every 4 layers
+    # (1 + w) norms before and after each sublayer, scaled embeddings, gated GELU, a score scale of 24^-0.5, a window of
+    # 5 on alternate layers; tied embeddings, pad id 0. Gemma 2: both soft caps small enough to change the logits.
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=5, tie_word_embeddings=True,
+                   attn_logit_softcapping=0.03, final_logit_softcapping=0.5),
+    # Gemma 3: + q/k norms and one rotary table per layer type (local theta; global theta with linear scaling)
+    "gemma3_text": dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=5, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+    ),
     # Mixtures of experts: 4 or 8 small experts, so ep=2 splits them and routing has real choices.
     "qwen3_moe": dict(head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
     "qwen2_moe": dict(  # one dense layer among the MoE layers; shared expert with its sigmoid gate
@@ -49,13 +60,38 @@ FAMILIES: dict[str, dict] = {
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                       "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
+    # rotate-half rotary on 8 of 16 dims, q/k/v biases, per-head q/k norms; DeepSeek-V3's routing (4 of 16 experts from
+    # the best 2 of 4 groups), a shared expert, the first layer dense
+    "glm4_moe": dict(
+        head_dim=16, attention_bias=True, use_qk_norm=True, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+        topk_group=2, moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+    ),
+    # MLA (value heads wider than the no-rotary key part) whose latent norms keep eps 1e-6 while rms_norm_eps differs
+    # (1e-5 in GLM-4.7-Flash; 1e-3 here, where the small latents make the difference plain); dense and sparse layers
+    # alternating (mlp_layer_types)
+    "glm4_moe_lite": dict(
+        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+        routed_scaling_factor=1.8, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=24, rms_norm_eps=1e-3, mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+    ),
+    # DeepSeek-V2's shape: MLA with YaRN (V2's mscale); softmax routing limited to the 2 of 4 groups with the best
+    # single score (megatron's own router would rank by the best two), scaled by 16; two shared experts; first layer dense
+    "deepseek_v2": dict(
+        num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+        topk_method="group_limited_greedy", moe_intermediate_size=32, n_shared_experts=2, routed_scaling_factor=16.0,
+        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
     "gpt_oss": dict(  # sinks, biases, clamped SwiGLU, a window of 4 on alternate layers, YaRN
         head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                       "original_max_position_embeddings": 64, "rope_theta": 150000.0},
     ),
 }
-MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss")
+MOE_FAMILIES = (
+    "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "glm4_moe", "glm4_moe_lite", "deepseek_v2",
+)
 
 
 def tiny_config(model_type: str, **overrides):

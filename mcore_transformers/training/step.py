@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
-from ..model.forward import ForwardInputs, attention_mask_for, bare_chunk, packed_segments, rotary_angles, run_chunk
+from ..model.forward import ForwardInputs, attention_mask_for, bare_chunk, packed_segments, run_chunk
 from .errors import TrainingError
 from ..model.router_aux import (
     PooledRouting,
@@ -141,16 +141,13 @@ class PipelineStep:
         rows, seq = input_ids.shape
         positions, edits = self.model.step_inputs(batch, chunk.pre_process)
         packed = batch.get("attention_mask") is None and positions.dim() == 2 and "position_ids" in batch
-        arch = self.model.arch
         inputs = ForwardInputs(
             input_ids=input_ids,
             attention_mask=attention_mask_for(
                 batch.get("attention_mask"), rows, seq, self.window, input_ids.device,
                 segments=packed_segments(batch["position_ids"]) if packed else None,
             ),
-            rotary=rotary_angles(
-                positions, self.model.rotary_frequencies(positions), arch.rotary_interleaved(), arch.rotary_components()
-            ),
+            rotary=self.model.rotary_angles_for(positions),
             edits=edits,
         )
         # Past the first stage the schedule has already handed the received activations to the decoder.

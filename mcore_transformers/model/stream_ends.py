@@ -1,0 +1,44 @@
+"""Elementwise changes at the two ends of the decoder stream that some families make and megatron-core's GPTModel
+has no switch for: a factor on the embedding output (Gemma: sqrt(hidden_size)) and a soft cap on the LM logits
+(Gemma 2: `cap · tanh(logits / cap)`).
+
+Both are forward hooks put on this rank's chunks at build time, like the pad-row hook (padding_row.py), so every
+path that runs the modules sees them: forward, generate, the training step, megatron's pipeline schedule. Being
+elementwise, they apply to whatever part of the tensor a rank holds: a sequence-parallel slice of the embedding
+output, a tensor-parallel shard of the vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def scale_embedding_output(chunks, multiplier: Optional[float]) -> None:
+    """The first stage's embedding output times `multiplier`, the factor cast to the output's dtype first (transformers'
+    scaled word embedding: `embedding(ids) * tensor(multiplier).to(dtype)`, so bf16 models multiply by the rounded factor)."""
+    if multiplier is None:
+        return
+    for chunk in chunks:
+        if chunk.pre_process:
+            chunk.embedding.register_forward_hook(
+                lambda module, args, output: output * torch.tensor(multiplier).to(output.dtype)
+            )
+
+
+def softcap_logits(chunks, cap: Optional[float]) -> None:
+    """The last stage's logits (this rank's vocabulary shard) soft-capped: `cap · tanh(logits / cap)`, in their dtype."""
+    if cap is None:
+        return
+    for chunk in chunks:
+        if chunk.post_process:
+            chunk.output_layer.register_forward_hook(_softcap_hook(cap))
+
+
+def _softcap_hook(cap: float):
+    def hook(module, args, output):
+        logits, bias = output
+        return torch.tanh(logits / cap) * cap, bias
+
+    return hook
