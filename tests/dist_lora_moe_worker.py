@@ -43,14 +43,22 @@ CHECKPOINTS = {
     "qwen3_moe-stacked": ("qwen3_moe", {"stacked_experts": True}),
     "qwen2_moe": ("qwen2_moe", {}),
     "gpt_oss": ("gpt_oss", {}),  # experts stored fused only: no per-expert HF names
+    # 16 experts, shared experts, a dense first layer, q/k/v biases and q/k norms
+    "glm4_moe": ("glm4_moe", {}),
+    # multi-latent attention (q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj), 8 experts, shared experts
+    "glm4_moe_lite": ("glm4_moe_lite", {}),
 }
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLA = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # the HF names peft sees in MLA
 EXPERT = ["gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 4, 8
 # Adapters: "attn" made by HF peft; "experts" written per expert (with q_proj, v_proj beside them);
 # "fused" made by HF peft on transformers 5 from target_modules=EXPERT (peft turns it into target_parameters
-# on the stacked experts, gate_up at rank 2r); "tparams" (export cases) made here with target_parameters.
+# on the stacked experts, gate_up at rank 2r); "tparams" (export cases) made here with target_parameters;
+# "hf" made by HF peft from the family's attention names + EXPERT (attention modules + fused experts).
 EXPERT_ADAPTER_TARGETS = ["q_proj", "v_proj", *EXPERT]
+FAMILY_EXPERT_ADAPTER_TARGETS = {"glm4_moe_lite": [*MLA, *EXPERT]}  # per-expert adapters on MLA families
+HF_ADAPTER_TARGETS = {"glm4_moe": [*ATTENTION, *EXPERT], "glm4_moe_lite": [*MLA, *EXPERT]}
 EXPORT_TARGETS = ["q_proj", *EXPERT]
 ADAPTER_CHECKPOINT = {"qwen3_moe-stacked": "qwen3_moe"}  # the stacked checkpoint uses qwen3_moe's adapters
 
@@ -95,10 +103,22 @@ CASES = [
     # refused before anything is made or written
     Case("error-target-parameters", "qwen3_moe", "ep2", "none"),
     Case("error-no-per-expert-names", "gpt_oss", "ep2", "none"),
+    # newer families: per-expert adapters (attention, shared experts, the dense layer, routed experts) at ep=2
+    # (logits and gradients) and tp=2 (etp=2); HF-made adapters (attention + fused experts) against HF peft
+    Case("hf-logits", "glm4_moe", "ep2"),
+    Case("hf-logits", "glm4_moe", "tp2"),
+    Case("hf-logits", "glm4_moe", "tp2", "hf"),
+    Case("hf-logits", "glm4_moe_lite", "ep2"),
+    Case("hf-logits", "glm4_moe_lite", "tp2", "hf"),
 ]
 
 
 # ---- the inputs on disk (run once, by the pytest side) ------------------------------------------
+def expert_adapter_targets(checkpoint: str) -> list[str]:
+    """The target names of the per-expert ("experts") adapter of `checkpoint`."""
+    return FAMILY_EXPERT_ADAPTER_TARGETS.get(checkpoint, EXPERT_ADAPTER_TARGETS)
+
+
 def adapter_path(root: str, checkpoint: str, adapter: str) -> str:
     return os.path.join(root, "adapters", f"{ADAPTER_CHECKPOINT.get(checkpoint, checkpoint)}-{adapter}")
 
@@ -155,10 +175,16 @@ def prepare(root: str) -> None:
     def hf(name):
         return AutoModelForCausalLM.from_pretrained(os.path.join(root, name), dtype=torch.float32)
 
-    for number, name in enumerate(["qwen3_moe", "qwen2_moe"]):
+    for number, name in enumerate(["qwen3_moe", "qwen2_moe", "glm4_moe", "glm4_moe_lite"]):
         target = adapter_path(root, name, "experts")
         if not os.path.exists(os.path.join(target, "adapter_config.json")):
-            write_per_expert_adapter(hf(name), target, EXPERT_ADAPTER_TARGETS, seed=300 + number)
+            write_per_expert_adapter(hf(name), target, expert_adapter_targets(name), seed=300 + number)
+    for number, (name, targets) in enumerate(HF_ADAPTER_TARGETS.items()):
+        target = adapter_path(root, name, "hf")
+        if not os.path.exists(os.path.join(target, "adapter_config.json")):
+            torch.manual_seed(210 + number)
+            config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False)
+            get_peft_model(hf(name), config).save_pretrained(target)
     target = adapter_path(root, "qwen3_moe", "attn")
     if not os.path.exists(os.path.join(target, "adapter_config.json")):
         torch.manual_seed(200)

@@ -35,6 +35,10 @@ CHECKPOINTS = {
     "phi3": ("phi3", {}),  # q/k/v in one HF linear (qkv_proj), gate/up in one (gate_up_proj)
     "glm4": ("glm4", {}),  # o_proj and down_proj feed post-sublayer norms; gate_up_proj
     "olmo2": ("olmo2", {}),  # q and k feed norms over all heads; o_proj and down_proj feed the only norms
+    # (1 + w) norms before and after each sublayer, scaled and tied embeddings, gated GELU; gemma2: soft caps;
+    # gemma3_text: q/k norms and one rotary table per layer type
+    "gemma2": ("gemma2", {}),
+    "gemma3_text": ("gemma3_text", {}),
 }
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # HF-made adapters, random A and B (init_lora_weights=False), so q, k and v have distinct A.
@@ -94,6 +98,11 @@ CASES = [
     Case("merge", "glm4", "tp2", "glm4"),
     Case("grads", "glm4", "tp2", "glm4"),
     Case("hf-logits", "olmo2", "tp2"),
+    Case("hf-logits", "gemma3_text", "tp1"),
+    Case("hf-logits", "gemma3_text", "tp2"),
+    Case("hf-logits", "gemma2", "tp2"),
+    Case("merge", "gemma2", "tp2"),
+    Case("grads", "gemma3_text", "tp2", sequence_parallel=True),
     Case("hf-logits", "qwen2-kv1", "pp2", "rslora"),
     # mcore-made adapter -> HF PEFT folder
     Case("export", "llama", "tp1"),

@@ -27,6 +27,9 @@ import dist_trainer_worker as W  # noqa: E402
 CHECKPOINTS = {
     "qwen3_moe": ("qwen3_moe", {"router_aux_loss_coef": 0.05}),
     "qwen2_moe": ("qwen2_moe", {"router_aux_loss_coef": 0.05}),
+    # sigmoid routing steered by a score-correction bias (kept fixed, as transformers does), group-limited choice,
+    # a shared expert, a dense first layer; no aux loss in transformers
+    "glm4_moe": ("glm4_moe", {}),
 }
 
 # launch -> world size and runs: (name, checkpoint, from_pretrained kwargs, dp, extra)
@@ -50,6 +53,8 @@ LAUNCHES: dict[str, dict] = {
         # the aux loss pooled over pipeline stages (and micro-batches; interleaved, a dense first layer)
         ("pp2-aux", "qwen3_moe", dict(pp=2), 1, {"aux": True}),
         ("pp2vpp2-aux-qwen2", "qwen2_moe", dict(pp=2, vpp=2), 1, {"aux": True}),
+        ("ep2-glm4_moe", "glm4_moe", dict(ep=2), 2, {}),
+        ("tp2sp-glm4_moe", "glm4_moe", dict(tp=2, sequence_parallel=True), 1, {}),
         # fp16: rank 1's gradient overflows at step 2; with megatron's optimizer (its loss scaler) and with
         # transformers' torch AdamW (torch's GradScaler semantics, agreed over ranks)
         ("tp2sp-fp16-inf", "qwen3_moe", dict(tp=2, sequence_parallel=True), 1,

@@ -42,6 +42,8 @@ CHECKPOINTS = {
     "smollm3": ("smollm3", {}),  # rotary skipped on every second layer, tied embeddings
     "ernie4_5": ("ernie4_5", {}),  # interleaved rotary, biases on every linear
     "glm4": ("glm4", {}),  # post-sublayer norms (sequence-parallel: their gradients summed over tp)
+    # tied and scaled embeddings, (1 + w) norms before and after each sublayer, one rotary table per layer type
+    "gemma3_text": ("gemma3_text", {}),
 }
 
 # launch -> world size and its runs: (name, checkpoint, from_pretrained kwargs, dp, extra); extra: plain
@@ -63,6 +65,7 @@ LAUNCHES: dict[str, dict] = {
         ("tp2-phi3", "phi3", dict(tp=2), 1, {}),
         ("tp2-ernie4_5", "ernie4_5", dict(tp=2), 1, {}),
         ("tp2sp-glm4", "glm4", dict(tp=2, sequence_parallel=True), 1, {}),
+        ("tp2sp-gemma3_text", "gemma3_text", dict(tp=2, sequence_parallel=True), 1, {}),
         ("tp2-kv3-torch-optimizer", "llama-kv3", dict(tp=2), 1, {"trainer": {"megatron_optimizer": False}}),
         # load_best_model_at_end: the eval loss is lowest at step 2 (5.5277 vs 5.5311 at step 4), so
         # checkpoint-2's weights come back

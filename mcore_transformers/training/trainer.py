@@ -142,6 +142,10 @@ class MCoreTrainer(Trainer):
         # The step's loss is already divided by its token count (step.py): mcore must neither divide by
         # the micro-batch count nor average over data-parallel replicas (it sums).
         config.calculate_per_token_loss = True
+        if config.moe_router_enable_expert_bias:
+            # transformers keeps a router's score-correction bias (e_score_correction_bias) fixed in training: a
+            # buffer with no update rule. megatron's aux-loss-free balancing would move it after every step.
+            config.moe_router_bias_update_rate = 0.0
         if self.args.bf16 and mcore.dtype == torch.float32:
             _cast_chunks(mcore, torch.bfloat16, (
                 "bf16=True: MCoreTrainer casts the model to bfloat16 and keeps fp32 master weights in the optimizer "
