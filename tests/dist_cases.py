@@ -41,9 +41,9 @@ class Checkpoint:
 
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "ernie4_5", "glm4", "olmo2", "olmo3", "gemma2",
-         "gemma3_text")
+         "gemma3_text", "granite")
 # Families checked on 1 and 2 ranks only: the 4-rank launch (4 processes on CI's 2 cores) is the suite's longest.
-TWO_RANK_ARCHS = ("olmo2", "olmo3", "gemma2", "gemma3_text")
+TWO_RANK_ARCHS = ("olmo2", "olmo3", "gemma2", "gemma3_text", "granite")
 # transformers runs Gemma 2 with eager attention (soft-capped scores), where a query with no visible key (left padding)
 # takes the mean of every value, so that position's output depends on how many keys the batch has; its logits reach
 # the loss (they predict the first real token). Sequence parallelism pads the sequence to a multiple of tp: those runs

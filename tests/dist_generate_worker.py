@@ -45,6 +45,10 @@ CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tools.
     "deepseek_v3": ("deepseek_v3", {}),  # multi-latent attention, shared experts
     "gpt_oss": ("gpt_oss", {}),  # attention sinks, alternating sliding windows, expert biases
     "glm4_moe": ("glm4_moe", {}),  # partial rotate-half rotary, q/k norms, group-limited sigmoid routing
+    "ernie4_5_moe": ("ernie4_5_moe", {}),  # softmax routing chosen with a score-correction bias, dense first layer
+    "minimax_m2": ("minimax_m2", {}),  # q/k norms over all heads, partial rotary, sigmoid routing with a bias
+    "granite": ("granite", {}),  # scaled embeddings, residual branches, scores and logits
+    "granitemoe": ("granitemoe", {}),
 }
 
 PAD = 0
@@ -84,6 +88,10 @@ CASES: dict[str, tuple] = {
     "mla-greedy-padded": ("deepseek_v3", "padded", dict(max_new_tokens=16), False),
     "sinks-greedy-padded": ("gpt_oss", "padded", dict(max_new_tokens=16), False),
     "greedy-padded-glm4_moe": ("glm4_moe", "padded", dict(max_new_tokens=16), False),
+    "greedy-padded-ernie4_5_moe": ("ernie4_5_moe", "padded", dict(max_new_tokens=16), False),
+    "greedy-padded-minimax_m2": ("minimax_m2", "padded", dict(max_new_tokens=16), False),
+    "greedy-padded-granite": ("granite", "padded", dict(max_new_tokens=24), False),
+    "greedy-padded-granitemoe": ("granitemoe", "padded", dict(max_new_tokens=16), False),
     # Expert parallelism: each replica its own prompts and length (rank r: seed 7 + r, 6 + 6·r new tokens).
     "moe-per-rank": ("qwen3_moe", "padded", {}, False),
 }

@@ -203,6 +203,36 @@ def test_unimplemented_glm4_moe_switch_is_refused_by_name(model_type, switch, wo
     assert_names(str(err.value), words)
 
 
+@pytest.mark.parametrize("model_type,switch,words", [
+    ("ernie4_5_moe", {"use_bias": True}, ("use_bias=True", "routed experts have no biases")),
+    ("minimax_m2", {"router_jitter_noise": 0.01}, ("router_jitter_noise=0.01", "Set it to 0")),
+    ("granitemoe", {"attention_bias": True}, ("attention_bias=True", "o_proj")),
+])
+def test_unimplemented_moe_breadth_switch_is_refused_by_name(model_type, switch, words):
+    with pytest.raises(errors.UnsupportedModelError) as err:
+        get_architecture(tiny_config(model_type, **switch)).transformer_config()
+    assert_names(str(err.value), words)
+
+
+def test_phimoe_sparsemixer_routing_is_refused_by_name():
+    from transformers import AutoConfig
+
+    with pytest.raises(errors.UnsupportedModelError) as err:
+        get_architecture(AutoConfig.for_model("phimoe", num_hidden_layers=2)).transformer_config()
+    assert_names(str(err.value), ("phimoe", "SparseMixer", "megatron-core"))
+
+
+def test_ernie4_5_moe_layers_and_routing_follow_the_config():
+    """MoE on moe_layer_start_index..moe_layer_end_index every moe_layer_interval-th layer; softmax routing with the
+    selection bias kept by our router (megatron's config refuses an expert bias with softmax)."""
+    arch = get_architecture(tiny_config("ernie4_5_moe"))
+    config = arch.transformer_config()
+    assert config["moe_layer_freq"] == [0, 1, 1, 0] and not config.get("moe_router_enable_expert_bias")
+    assert arch.softmax_routing_selection_bias_floor() == 1e-12
+    every_second = get_architecture(tiny_config("ernie4_5_moe", moe_layer_interval=2, moe_layer_end_index=-1))
+    assert every_second.transformer_config()["moe_layer_freq"] == [0, 1, 0, 1]
+
+
 def test_missing_shard_is_named(checkpoint_root):
     folder = os.path.join(checkpoint_root, "damaged", "missing-shard")
     with pytest.raises(errors.CheckpointError) as err:

@@ -153,6 +153,15 @@ class DecoderArchitecture:
         """`cap · tanh(scores / cap)` on the scaled attention scores before the mask and softmax (Gemma 2); None: none."""
         return None
 
+    def residual_multiplier(self) -> Optional[float]:
+        """A factor on each sublayer's output (attention's, the MLP's; bias included) before its residual add (Granite's
+        `residual_multiplier`); None: none."""
+        return None
+
+    def logits_divisor(self) -> Optional[float]:
+        """The LM head's logits divided by this (Granite's `logits_scaling`); None: not divided."""
+        return None
+
     def final_logit_softcap(self) -> Optional[float]:
         """`cap · tanh(logits / cap)` on the LM head's logits (Gemma 2); None: none."""
         return None
@@ -239,6 +248,12 @@ class DecoderArchitecture:
         by its best score (DeepSeek-V2's "group_limited_greedy"); False: by the sum of its top (top_k // group_topk)
         scores, megatron's ranking."""
         return False
+
+    def softmax_routing_selection_bias_floor(self) -> Optional[float]:
+        """Softmax routing whose choice of experts adds a score-correction bias (`router.expert_bias`, steering only the
+        choice) to the probabilities, the chosen probabilities renormalised by their sum clamped below at the returned
+        floor (ERNIE-4.5's `moe_norm_min`). None: megatron's routing (which takes such a bias with sigmoid scores only)."""
+        return None
 
     def mla_latent_norm_eps(self) -> Optional[float]:
         """Epsilon of multi-latent attention's q/kv latent norms, where it is not the config's `rms_norm_eps`."""
@@ -477,6 +492,11 @@ class MoEDecoder(DecoderArchitecture):
         hf = self.hf
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act={hf.hidden_act!r}: only SwiGLU ('silu') experts are supported.")
+        if getattr(hf, "router_jitter_noise", 0.0):  # Mixtral, MiniMax-M2, PhiMoE
+            raise UnsupportedModelError(
+                f"router_jitter_noise={hf.router_jitter_noise}: transformers scales the MoE input by random noise while "
+                "training; megatron-core's input jitter is another formula. Set it to 0."
+            )
         shared = self.shared_expert_size()
         return dict(
             num_moe_experts=self.num_experts(),
@@ -517,7 +537,11 @@ class MoEDecoder(DecoderArchitecture):
             router = OneOf(router, Replicated(mlp + "router.weight", HF_LAYER + self.hf_stacked_moe + self.hf_router))
         rules: list[Rule] = [router]
         if self.hf_expert_bias is not None:
-            rules.append(Replicated(mlp + "router.expert_bias", hf_moe + self.hf_expert_bias))
+            bias: Rule = Replicated(mlp + "router.expert_bias", hf_moe + self.hf_expert_bias)
+            if self.hf_stacked_moe != self.hf_moe:
+                in_memory = HF_LAYER + self.hf_stacked_moe + self.hf_expert_bias
+                bias = OneOf(bias, Replicated(mlp + "router.expert_bias", in_memory))
+            rules.append(bias)
         rules += self.expert_rules(mlp + "experts.local_experts.{e}.", hf_moe + self.hf_expert)
         if self.hf_shared_expert is not None:
             shared, hf_shared = mlp + "shared_experts.", hf_moe + self.hf_shared_expert

@@ -141,6 +141,17 @@ class Replicated(Rule):
         return (shards[0],)
 
 
+class UnitLeadingDim(Replicated):
+    """A replicated tensor that the checkpoint keeps with a leading dimension of one (ERNIE-4.5's `[1, experts]` score
+    correction; megatron's buffer is `[experts]`)."""
+
+    def load(self, source, hf_names, layout):
+        return source.read(hf_names[0])[0]
+
+    def export(self, shards, layout):
+        return (shards[0].unsqueeze(0),)
+
+
 class Column(Rule):
     """Output features split across TP (column-parallel weight rows, their bias)."""
 

@@ -52,11 +52,13 @@ from .layers import (
     TransformersRMSNorm,
     TransformersRMSNormUnitOffset,
     TransformersRMSNormWeightInFloat32,
+    scaled_bias_dropout_add,
+    softmax_router_with_selection_bias,
     with_epsilon,
     with_post_norm,
 )
 from .padding_row import freeze_pad_row_lookups
-from .stream_ends import scale_embedding_output, softcap_logits
+from .stream_ends import divide_logits, scale_embedding_output, softcap_logits
 from ..runtime.cpu import bridge_missing_transformer_engine
 from ..runtime.parallel import ParallelConfig
 
@@ -217,6 +219,7 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
         spec = _layer_spec(config, use_te)  # (TE's fused norms: nothing to swap; they read layernorm_zero_centered_gamma)
         _add_post_norms([spec], arch, norm)
         _softcap_attention([spec], arch)
+        _scale_sublayer_outputs([spec], arch)
         return spec
     if plain:
         layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -239,7 +242,9 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
         _drop_pre_norms(block.layer_specs, use_te)
     _add_post_norms(block.layer_specs, arch, norm)
     _softcap_attention(block.layer_specs, arch)
+    _scale_sublayer_outputs(block.layer_specs, arch)
     _route_groups_by_best_score(block.layer_specs, config, arch)
+    _route_softmax_with_selection_bias(block.layer_specs, config, arch)
     _latent_norms_with_own_eps(block.layer_specs, config, arch, norm, use_te)
     return block
 
@@ -261,6 +266,16 @@ def _softcap_attention(specs, arch: DecoderArchitecture) -> None:
         if attention.module is not RotaryCachedSelfAttention:
             raise UnsupportedModelError("Attention logit soft-capping is supported on grouped-query attention only.")
         attention.submodules.core_attention = ModuleSpec(module=SoftcappedDotProductAttention, params={"softcap": cap})
+
+
+def _scale_sublayer_outputs(specs, arch: DecoderArchitecture) -> None:
+    """Families that scale each sublayer's output before its residual add (Granite's `residual_multiplier`): both
+    bias-dropout-adds of every layer scale it (`layers.scaled_bias_dropout_add`)."""
+    multiplier = arch.residual_multiplier()
+    if multiplier is None:
+        return
+    for spec in {id(spec): spec for spec in specs}.values():
+        spec.submodules.self_attn_bda = spec.submodules.mlp_bda = scaled_bias_dropout_add(multiplier)
 
 
 def _assign_rotary_tables(chunks, arch: DecoderArchitecture) -> None:
@@ -318,6 +333,16 @@ def _route_groups_by_best_score(specs, config: TransformerConfig, arch: DecoderA
     if config.moe_router_group_topk and arch.expert_groups_ranked_by_best_score():
         for spec in {id(spec): spec for spec in specs}.values():
             _replace_module(spec, TopKRouter, BestScoreGroupRouter)
+
+
+def _route_softmax_with_selection_bias(specs, config: TransformerConfig, arch: DecoderArchitecture) -> None:
+    """Softmax routing whose choice adds a score-correction bias (`softmax_routing_selection_bias_floor`): the MoE
+    layers' router is `SelectionBiasedSoftmaxRouter` (megatron's router takes such a bias with sigmoid scores only)."""
+    floor = arch.softmax_routing_selection_bias_floor()
+    if config.num_moe_experts and floor is not None:
+        router = softmax_router_with_selection_bias(floor)
+        for spec in {id(spec): spec for spec in specs}.values():
+            _replace_module(spec, TopKRouter, router)
 
 
 def _latent_norms_with_own_eps(specs, config: TransformerConfig, arch: DecoderArchitecture, norm: type, use_te: bool):
@@ -447,6 +472,7 @@ def build_model(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.
     mark_tensor_parallel_weights(chunks)
     freeze_pad_row_lookups(chunks, getattr(arch.hf, "pad_token_id", None), vocab, layout.sequence_parallel)
     scale_embedding_output(chunks, arch.embedding_multiplier())
+    divide_logits(chunks, arch.logits_divisor())
     softcap_logits(chunks, arch.final_logit_softcap())
     _assign_rotary_tables(chunks, arch)
     shard_layout = ShardLayout(

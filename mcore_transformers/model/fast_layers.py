@@ -369,19 +369,22 @@ class LeanTransformerLayer(TransformerLayer):
             packed_seq_params=kwargs.get("packed_seq_params"),
             sequence_len_offset=kwargs.get("sequence_len_offset"),
         )
-        hidden_states = _add_residual(attention_output, hidden_states)
+        hidden_states = _add_residual(attention_output, hidden_states, getattr(self.self_attn_bda, "output_scale", None))
         mlp_input = self.pre_mlp_layernorm(hidden_states)
         mlp_output = _lean_gated_mlp(self.mlp, mlp_input)
         if mlp_output is None:
             mlp_output = self.mlp(mlp_input, padding_mask=kwargs.get("padding_mask"))
-        return _add_residual(mlp_output, hidden_states), kwargs.get("context")
+        return _add_residual(mlp_output, hidden_states, getattr(self.mlp_bda, "output_scale", None)), kwargs.get("context")
 
 
-def _add_residual(output_with_bias, residual: torch.Tensor) -> torch.Tensor:
-    """megatron's bias-dropout-add in eval mode (`_bias_dropout_add_func`, training=False)."""
+def _add_residual(output_with_bias, residual: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """megatron's bias-dropout-add in eval mode (`_bias_dropout_add_func`, training=False); with `scale`, the
+    sublayer output times it first (`layers.scaled_bias_dropout_add`)."""
     x, bias = output_with_bias
     inplace = not (x.requires_grad or residual.requires_grad or (bias is not None and bias.requires_grad))
     residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
     if bias is not None:
         x = x.add_(bias) if inplace else x + bias
+    if scale is not None:
+        x = x.mul_(scale) if inplace else x * scale
     return x.add_(residual) if inplace else residual + x

@@ -265,3 +265,67 @@ class BestScoreGroupRouter(TopKRouter):
         routing_probs = torch.zeros_like(logits).scatter(1, chosen, probs)
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)
         return routing_probs, routing_map
+
+
+def softmax_router_with_selection_bias(norm_floor: float) -> type:
+    """`SelectionBiasedSoftmaxRouter` whose renormalisation divides by the chosen probabilities' sum clamped below at
+    `norm_floor` (ERNIE-4.5's `moe_norm_min`)."""
+
+    class FlooredSelectionBiasedSoftmaxRouter(SelectionBiasedSoftmaxRouter):
+        floor = norm_floor
+
+    return FlooredSelectionBiasedSoftmaxRouter
+
+
+class SelectionBiasedSoftmaxRouter(TopKRouter):
+    """megatron's top-k router with softmax scores whose choice of experts adds a score-correction bias.
+
+    ERNIE-4.5's routing (transformers' Ernie4_5_MoeTopKRouter): a float32 softmax over all experts; the top-k experts
+    by probability + `expert_bias` (which steers only the choice); their probabilities divided by their sum (clamped
+    below at `floor`). megatron takes a selection bias with sigmoid scores only (its config refuses one with softmax),
+    so this router keeps the bias itself, fixed (transformers never updates it). Like
+    `BestScoreGroupRouter`, it runs without megatron's auxiliary losses, z-loss or token dropping.
+    """
+
+    floor: float = 0.0
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        extras = self.is_aux_loss_enabled() or config.moe_z_loss_coeff or config.moe_expert_capacity_factor is not None
+        if config.moe_router_score_function != "softmax" or config.moe_router_enable_expert_bias or extras:
+            raise ValueError(
+                "SelectionBiasedSoftmaxRouter routes by a softmax over all experts with its own fixed bias, without "
+                "auxiliary losses, z-loss or token dropping."
+            )
+        # A frozen parameter, as in transformers (counted by num_parameters, never trained), under megatron's name.
+        self.expert_bias = torch.nn.Parameter(torch.zeros(config.num_moe_experts, dtype=torch.float32), requires_grad=False)
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        logits = logits.view(-1, self.config.num_moe_experts)
+        scores = torch.softmax(logits.float(), dim=-1)
+        chosen = (scores + self.expert_bias).topk(self.topk, dim=-1).indices
+        probs = scores.gather(1, chosen)
+        probs = (probs / probs.sum(dim=-1, keepdim=True).clamp(min=self.floor)).type_as(logits)
+        routing_probs = torch.zeros_like(logits).scatter(1, chosen, probs)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)
+        return routing_probs, routing_map
+
+
+def scaled_bias_dropout_add(multiplier: float):
+    """megatron's bias-dropout-add (`get_bias_dropout_add`'s unfused arithmetic) with the sublayer's output, bias
+    included, times `multiplier` before the residual add: `residual + dropout((x + bias) · multiplier)` (Granite's
+    `residual_multiplier`; transformers multiplies by the Python float, so does this). The lean layer reads
+    `output_scale` to do the same in its eval path."""
+
+    def get(training: bool, fused: bool):
+        def bias_dropout_add(x_with_bias, residual: torch.Tensor, prob: float) -> torch.Tensor:
+            x, bias = x_with_bias
+            if bias is not None:
+                x = x + bias
+            residual = residual if residual.dtype == x.dtype else residual.to(x.dtype)
+            return residual + torch.nn.functional.dropout(x * multiplier, p=prob, training=training)
+
+        return bias_dropout_add
+
+    get.output_scale = multiplier
+    return get

@@ -1,6 +1,6 @@
 """Elementwise changes at the two ends of the decoder stream that some families make and megatron-core's GPTModel
-has no switch for: a factor on the embedding output (Gemma: sqrt(hidden_size)) and a soft cap on the LM logits
-(Gemma 2: `cap · tanh(logits / cap)`).
+has no switch for: a factor on the embedding output (Gemma: sqrt(hidden_size); Granite), the LM logits divided by a
+number (Granite) and a soft cap on them (Gemma 2: `cap · tanh(logits / cap)`).
 
 Both are forward hooks put on this rank's chunks at build time, like the pad-row hook (padding_row.py), so every
 path that runs the modules sees them: forward, generate, the training step, megatron's pipeline schedule. Being
@@ -25,6 +25,16 @@ def scale_embedding_output(chunks, multiplier: Optional[float]) -> None:
             chunk.embedding.register_forward_hook(
                 lambda module, args, output: output * torch.tensor(multiplier).to(output.dtype)
             )
+
+
+def divide_logits(chunks, divisor: Optional[float]) -> None:
+    """The last stage's logits (this rank's vocabulary shard) divided by `divisor`, in their dtype (Granite's
+    `logits_scaling`: a division, as transformers does, not a product with the reciprocal)."""
+    if divisor is None:
+        return
+    for chunk in chunks:
+        if chunk.post_process:
+            chunk.output_layer.register_forward_hook(lambda module, args, output: (output[0] / divisor, output[1]))
 
 
 def softcap_logits(chunks, cap: Optional[float]) -> None:

@@ -31,6 +31,9 @@ FAMILIES: dict[str, dict] = {
     "smollm3": dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=5, tie_word_embeddings=True,
                     pad_token_id=None, bos_token_id=1, eos_token_id=2),
     "ernie4_5": dict(head_dim=16, use_bias=True, pad_token_id=0),  # interleaved rotary, biases on every linear
+    # Granite 3's four scalars (its own values: embeddings ×12, residual branches ×0.22, scores ×1/64, logits ÷8)
+    "granite": dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625,
+                    logits_scaling=8.0),
     "glm4": dict(head_dim=16, pad_token_id=None, eos_token_id=2),  # post-sublayer norms, half-head interleaved rotary
     "olmo2": dict(pad_token_id=0, num_key_value_heads=4),  # only post-sublayer norms; q/k norms over all heads (MHA)
     "olmo3": dict(pad_token_id=0, num_key_value_heads=4, sliding_window=5),  # + a window on 3 of every 4 layers
@@ -83,6 +86,19 @@ FAMILIES: dict[str, dict] = {
         v_head_dim=16, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707},
     ),
+    # interleaved rotary; softmax routing (2 of 8) chosen with a score-correction bias, renormalised; a shared expert;
+    # MoE on layers 1-2 only (moe_layer_start_index / moe_layer_end_index), layers 0 and 3 dense
+    "ernie4_5_moe": dict(
+        head_dim=16, pad_token_id=0, moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+        moe_layer_start_index=1, moe_layer_end_index=2,
+    ),
+    # q/k norms over all heads, rotate-half rotary on 8 of 16 dims; sigmoid routing (2 of 8) chosen with a correction
+    # bias, no shared expert
+    "minimax_m2": dict(head_dim=16, num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, rotary_dim=8,
+                       bos_token_id=1, eos_token_id=2),
+    # Granite's scalars on a Mixtral-routed mixture of 4 experts (stacked on disk)
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, embedding_multiplier=12.0,
+                       residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0),
     "gpt_oss": dict(  # sinks, biases, clamped SwiGLU, a window of 4 on alternate layers, YaRN
         head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
@@ -91,6 +107,7 @@ FAMILIES: dict[str, dict] = {
 }
 MOE_FAMILIES = (
     "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "glm4_moe", "glm4_moe_lite", "deepseek_v2",
+    "ernie4_5_moe", "minimax_m2", "granitemoe",
 )
 
 
