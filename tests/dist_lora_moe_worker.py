@@ -47,6 +47,12 @@ CHECKPOINTS = {
     "glm4_moe": ("glm4_moe", {}),
     # multi-latent attention (q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj), 8 experts, shared experts
     "glm4_moe_lite": ("glm4_moe_lite", {}),
+    # for HF-made adapters only: MLA (deepseek_v2), a shared expert and dense layers (ernie4_5_moe), no dense MLP
+    # at all (minimax_m2), and experts fused on disk too (granitemoe: input_linear / output_linear)
+    "deepseek_v2": ("deepseek_v2", {}),
+    "ernie4_5_moe": ("ernie4_5_moe", {}),
+    "minimax_m2": ("minimax_m2", {}),
+    "granitemoe": ("granitemoe", {}),
 }
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLA = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # the HF names peft sees in MLA
@@ -58,7 +64,13 @@ R, ALPHA = 4, 8
 # "hf" made by HF peft from the family's attention names + EXPERT (attention modules + fused experts).
 EXPERT_ADAPTER_TARGETS = ["q_proj", "v_proj", *EXPERT]
 FAMILY_EXPERT_ADAPTER_TARGETS = {"glm4_moe_lite": [*MLA, *EXPERT]}  # per-expert adapters on MLA families
-HF_ADAPTER_TARGETS = {"glm4_moe": [*ATTENTION, *EXPERT], "glm4_moe_lite": [*MLA, *EXPERT]}
+HF_ADAPTER_TARGETS = {
+    "glm4_moe": [*ATTENTION, *EXPERT], "glm4_moe_lite": [*MLA, *EXPERT], "deepseek_v2": [*MLA, *EXPERT],
+    # minimax_m2's expert names are w1 (gate), w3 (up), w2 (down): peft turns those into target_parameters.
+    # granitemoe's experts are fused on disk too (no per-expert names, like gpt_oss): LoRA on them is refused,
+    # and peft adapts nothing for input_linear / output_linear either; its adapter adapts attention only.
+    "ernie4_5_moe": [*ATTENTION, *EXPERT], "minimax_m2": [*ATTENTION, "w1", "w2", "w3"], "granitemoe": ATTENTION,
+}
 EXPORT_TARGETS = ["q_proj", *EXPERT]
 ADAPTER_CHECKPOINT = {"qwen3_moe-stacked": "qwen3_moe"}  # the stacked checkpoint uses qwen3_moe's adapters
 
@@ -110,6 +122,10 @@ CASES = [
     Case("hf-logits", "glm4_moe", "tp2", "hf"),
     Case("hf-logits", "glm4_moe_lite", "ep2"),
     Case("hf-logits", "glm4_moe_lite", "tp2", "hf"),
+    Case("hf-logits", "deepseek_v2", "tp2", "hf"),
+    Case("hf-logits", "ernie4_5_moe", "tp2", "hf"),
+    Case("hf-logits", "minimax_m2", "ep2", "hf"),
+    Case("hf-logits", "granitemoe", "ep2", "hf"),
 ]
 
 

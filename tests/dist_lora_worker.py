@@ -39,6 +39,8 @@ CHECKPOINTS = {
     # gemma3_text: q/k norms and one rotary table per layer type
     "gemma2": ("gemma2", {}),
     "gemma3_text": ("gemma3_text", {}),
+    "olmo3": ("olmo3", {}),  # olmo2's norms + a window on 3 of every 4 layers
+    "granite": ("granite", {}),  # embedding, residual, attention and logits multipliers
 }
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # HF-made adapters, random A and B (init_lora_weights=False), so q, k and v have distinct A.
@@ -101,6 +103,8 @@ CASES = [
     Case("hf-logits", "gemma3_text", "tp1"),
     Case("hf-logits", "gemma3_text", "tp2"),
     Case("hf-logits", "gemma2", "tp2"),
+    Case("hf-logits", "olmo3", "tp2"),
+    Case("hf-logits", "granite", "tp2"),
     Case("merge", "gemma2", "tp2"),
     Case("grads", "gemma3_text", "tp2", sequence_parallel=True),
     Case("hf-logits", "qwen2-kv1", "pp2", "rslora"),
