@@ -49,6 +49,7 @@ CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tools.
     "minimax_m2": ("minimax_m2", {}),  # q/k norms over all heads, partial rotary, sigmoid routing with a bias
     "granite": ("granite", {}),  # scaled embeddings, residual branches, scores and logits
     "granitemoe": ("granitemoe", {}),
+    "phimoe": ("phimoe", {}),  # LayerNorms with biases, SparseMixer top-2 routing, window 7
 }
 
 PAD = 0
@@ -92,6 +93,7 @@ CASES: dict[str, tuple] = {
     "greedy-padded-minimax_m2": ("minimax_m2", "padded", dict(max_new_tokens=16), False),
     "greedy-padded-granite": ("granite", "padded", dict(max_new_tokens=24), False),
     "greedy-padded-granitemoe": ("granitemoe", "padded", dict(max_new_tokens=16), False),
+    "greedy-padded-phimoe": ("phimoe", "padded", dict(max_new_tokens=16), False),
     # Expert parallelism: each replica its own prompts and length (rank r: seed 7 + r, 6 + 6·r new tokens).
     "moe-per-rank": ("qwen3_moe", "padded", {}, False),
 }

@@ -30,7 +30,7 @@ LAYOUTS: dict[str, dict] = {
 
 FAMILIES = (
     "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "glm4_moe", "glm4_moe_lite", "deepseek_v2",
-    "ernie4_5_moe", "minimax_m2", "granitemoe",
+    "ernie4_5_moe", "minimax_m2", "granitemoe", "phimoe",
 )
 MTP_LAYER = 4  # tiny checkpoints have 4 layers; DeepSeek-V3 and GLM-4.5 keep their MTP layer right after them
 
@@ -42,6 +42,7 @@ CHECKPOINTS: dict[str, tuple[str, dict, str]] = {
     "mixtral-stacked": ("mixtral", {"stacked_experts": True}, ""),
     "ernie4_5_moe-stacked": ("ernie4_5_moe", {"stacked_experts": True}, ""),  # + its score correction's in-memory name
     "minimax_m2-stacked": ("minimax_m2", {"stacked_experts": True}, ""),
+    "phimoe-stacked": ("phimoe", {"stacked_experts": True}, ""),  # + its router's in-memory name (mlp.router)
     # multi-token-prediction tensors transformers does not use: they must survive a save untouched
     "deepseek_v3-mtp": ("deepseek_v3", {"num_nextn_predict_layers": 1}, "mtp"),
     "glm4_moe-mtp": ("glm4_moe", {"num_nextn_predict_layers": 1}, "mtp"),
@@ -65,7 +66,8 @@ CHECKPOINTS: dict[str, tuple[str, dict, str]] = {
 _EVERY = [*FAMILIES]
 PARITY: dict[str, list[str]] = {
     "single": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2",
-                        "glm4_moe-mtp", "deepseek_v2-lite", "ernie4_5_moe-stacked", "minimax_m2-stacked"],
+                        "glm4_moe-mtp", "deepseek_v2-lite", "ernie4_5_moe-stacked", "minimax_m2-stacked",
+                        "phimoe-stacked"],
     "ep2": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2",
                      "deepseek_v2-lite"],
     # expert biases need etp=1

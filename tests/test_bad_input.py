@@ -214,12 +214,42 @@ def test_unimplemented_moe_breadth_switch_is_refused_by_name(model_type, switch,
     assert_names(str(err.value), words)
 
 
-def test_phimoe_sparsemixer_routing_is_refused_by_name():
-    from transformers import AutoConfig
+PHIMOE_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "short_mscale": 1.1,
+                   "long_mscale": 1.2, "original_max_position_embeddings": 8, "rope_theta": 10000.0}
 
+
+@pytest.mark.parametrize("switch,words", [
+    ({"attention_bias": True}, ("attention_bias=True", "experts")),
+    ({"lm_head_bias": True}, ("lm_head_bias=True", "output layer")),
+    ({"rope_parameters": PHIMOE_LONGROPE}, ("rope_type='longrope'", "mscale")),
+    ({"num_experts_per_tok": 1}, ("num_experts_per_tok=1", "SparseMixer", "2 experts")),
+])
+def test_unimplemented_phimoe_switch_is_refused_by_name(switch, words):
     with pytest.raises(errors.UnsupportedModelError) as err:
-        get_architecture(AutoConfig.for_model("phimoe", num_hidden_layers=2)).transformer_config()
-    assert_names(str(err.value), ("phimoe", "SparseMixer", "megatron-core"))
+        get_architecture(tiny_config("phimoe", **switch)).transformer_config()
+    assert_names(str(err.value), words)
+
+
+def test_phimoe_routes_exactly_in_eval_and_refuses_training(tmp_path):
+    """SparseMixer's evaluation path is exact (tests/test_moe.py); training samples experts, which is refused when the
+    router runs, not at load (the published config has router and input jitter, harmless in eval)."""
+    import torch
+
+    from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
+
+    source = make_tiny_checkpoint(str(tmp_path / "phimoe"), "phimoe", num_hidden_layers=2)
+    ids = torch.arange(1, 9).view(1, 8)
+    try:
+        model = MCoreModelForCausalLM.from_pretrained(source)
+        with torch.no_grad():
+            model(input_ids=ids)
+        model.train()
+        with pytest.raises(NotImplementedError) as err:
+            model(input_ids=ids, labels=ids)
+    finally:
+        destroy_parallel_state()
+    assert_names(str(err.value), ("SparseMixer", "training", "model.eval()"))
 
 
 def test_ernie4_5_moe_layers_and_routing_follow_the_config():

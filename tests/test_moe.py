@@ -9,7 +9,8 @@ own epsilon, dense and sparse layers from mlp_layer_types), deepseek_v2 (MLA, so
 the best single score; V2-Lite's greedy routing and q_proj as a second checkpoint), ernie4_5_moe (interleaved rotary,
 softmax routing whose choice adds a score-correction bias, a shared expert, MoE on a middle range of layers),
 minimax_m2 (q/k norms over all heads, partial rotary, sigmoid routing with a correction bias, no shared expert),
-granitemoe (Granite's embedding, residual, score and logit scalars; experts stacked on disk).
+granitemoe (Granite's embedding, residual, score and logit scalars; experts stacked on disk), phimoe (LayerNorms with
+biases, SparseMixer top-2 routing, sliding window).
 Layouts: one process, ep=2, tp=2 with sequence parallelism (experts split over etp=2), tp=2·ep=2
 with etp=1, pp=2. Checkpoints in both expert layouts (per-expert, stacked) and with unused MTP
 tensors. Each layout is one worker launch (tests/dist_moe_worker.py) that loads every case in turn;

@@ -64,6 +64,8 @@ HF_LAYER = "model.layers.{i}."
 TE_FUSED_NORM_NAMES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
     "self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
     "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
 }
@@ -137,6 +139,10 @@ class DecoderArchitecture:
     def rms_norm_weight_in_float32(self) -> bool:
         """True: RMSNorm multiplies by its weight before casting back to the input dtype (GPT-OSS);
         False: after (Llama and most others)."""
+        return False
+
+    def layer_norm_with_bias(self) -> bool:
+        """True: every norm is a LayerNorm with a bias (PhiMoE's `nn.LayerNorm`, eps `rms_norm_eps`); False: RMSNorm."""
         return False
 
     def rms_norm_unit_offset(self) -> bool:
@@ -220,7 +226,7 @@ class DecoderArchitecture:
             num_attention_heads=hf.num_attention_heads,
             num_query_groups=self.num_key_value_heads,
             kv_channels=self.head_dim,
-            normalization="RMSNorm",
+            normalization="LayerNorm" if self.layer_norm_with_bias() else "RMSNorm",
             layernorm_epsilon=hf.rms_norm_eps,
             layernorm_zero_centered_gamma=self.rms_norm_unit_offset(),
             gated_linear_unit=True,
@@ -253,6 +259,11 @@ class DecoderArchitecture:
         """Softmax routing whose choice of experts adds a score-correction bias (`router.expert_bias`, steering only the
         choice) to the probabilities, the chosen probabilities renormalised by their sum clamped below at the returned
         floor (ERNIE-4.5's `moe_norm_min`). None: megatron's routing (which takes such a bias with sigmoid scores only)."""
+        return None
+
+    def sparse_mixer_jitter_eps(self) -> Optional[float]:
+        """SparseMixer top-2 routing (PhiMoE): each chosen expert weighted by a softmax over the logits within a relative
+        2·eps of it (`layers.SparseMixerRouter`); returns eps (`router_jitter_noise`). None: megatron's routing."""
         return None
 
     def mla_latent_norm_eps(self) -> Optional[float]:
@@ -378,6 +389,8 @@ class DecoderArchitecture:
             VocabColumn("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
             Replicated("decoder.final_layernorm.weight", "model.norm.weight"),
         ]
+        if self.layer_norm_with_bias():
+            rules.append(Replicated("decoder.final_layernorm.bias", "model.norm.bias"))
         if self.tie_word_embeddings:
             # Only a pipeline's last stage holds this copy; the embedding rule exports the weight.
             rules.append(VocabColumn("output_layer.weight", "model.embed_tokens.weight", exported=False))
@@ -392,6 +405,11 @@ class DecoderArchitecture:
                 Replicated(LAYER + "input_layernorm.weight", HF_LAYER + "input_layernorm.weight"),
                 Replicated(LAYER + "pre_mlp_layernorm.weight", HF_LAYER + "post_attention_layernorm.weight"),
             ]
+            if self.layer_norm_with_bias():
+                rules += [
+                    Replicated(LAYER + "input_layernorm.bias", HF_LAYER + "input_layernorm.bias"),
+                    Replicated(LAYER + "pre_mlp_layernorm.bias", HF_LAYER + "post_attention_layernorm.bias"),
+                ]
         return rules
 
     def attention_rules(self) -> list[Rule]:
@@ -451,6 +469,7 @@ class MoEDecoder(DecoderArchitecture):
 
     hf_moe: ClassVar[str] = "mlp."  # the sparse block
     hf_router: ClassVar[str] = "gate.weight"
+    hf_stacked_router: ClassVar[Optional[str]] = None  # its name in the in-memory layout, where not `hf_router`
     hf_stacked_moe: ClassVar[str] = "mlp."  # the sparse block in transformers' in-memory (stacked) layout
     hf_expert: ClassVar[str] = "experts.{e}."
     hf_expert_gate_up_down: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
@@ -492,7 +511,8 @@ class MoEDecoder(DecoderArchitecture):
         hf = self.hf
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act={hf.hidden_act!r}: only SwiGLU ('silu') experts are supported.")
-        if getattr(hf, "router_jitter_noise", 0.0):  # Mixtral, MiniMax-M2, PhiMoE
+        # Mixtral, MiniMax-M2 (PhiMoE's router_jitter_noise is SparseMixer's threshold instead)
+        if getattr(hf, "router_jitter_noise", 0.0) and self.sparse_mixer_jitter_eps() is None:
             raise UnsupportedModelError(
                 f"router_jitter_noise={hf.router_jitter_noise}: transformers scales the MoE input by random noise while "
                 "training; megatron-core's input jitter is another formula. Set it to 0."
@@ -534,7 +554,8 @@ class MoEDecoder(DecoderArchitecture):
         mlp = LAYER + "mlp."
         router: Rule = Replicated(mlp + "router.weight", hf_moe + self.hf_router)
         if self.hf_stacked_moe != self.hf_moe:
-            router = OneOf(router, Replicated(mlp + "router.weight", HF_LAYER + self.hf_stacked_moe + self.hf_router))
+            in_memory = HF_LAYER + self.hf_stacked_moe + (self.hf_stacked_router or self.hf_router)
+            router = OneOf(router, Replicated(mlp + "router.weight", in_memory))
         rules: list[Rule] = [router]
         if self.hf_expert_bias is not None:
             bias: Rule = Replicated(mlp + "router.expert_bias", hf_moe + self.hf_expert_bias)

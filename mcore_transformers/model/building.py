@@ -49,11 +49,13 @@ from .layers import (
     QueryProjectionRMSNorm,
     QueryProjectionRMSNormWeightInFloat32,
     SoftcappedDotProductAttention,
+    TransformersLayerNorm,
     TransformersRMSNorm,
     TransformersRMSNormUnitOffset,
     TransformersRMSNormWeightInFloat32,
     scaled_bias_dropout_add,
     softmax_router_with_selection_bias,
+    sparse_mixer_router,
     with_epsilon,
     with_post_norm,
 )
@@ -245,12 +247,16 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
     _scale_sublayer_outputs(block.layer_specs, arch)
     _route_groups_by_best_score(block.layer_specs, config, arch)
     _route_softmax_with_selection_bias(block.layer_specs, config, arch)
+    _route_with_sparse_mixer(block.layer_specs, config, arch)
     _latent_norms_with_own_eps(block.layer_specs, config, arch, norm, use_te)
     return block
 
 
 def _norm_class(arch: DecoderArchitecture) -> type:
-    """transformers' RMSNorm arithmetic of the family: (1 + weight) in float32, weight in float32, or Llama's."""
+    """transformers' norm arithmetic of the family: LayerNorm with a bias, or RMSNorm with (1 + weight) in float32,
+    weight in float32, or Llama's."""
+    if arch.layer_norm_with_bias():
+        return TransformersLayerNorm
     if arch.rms_norm_unit_offset():
         return TransformersRMSNormUnitOffset
     return TransformersRMSNormWeightInFloat32 if arch.rms_norm_weight_in_float32() else TransformersRMSNorm
@@ -341,6 +347,15 @@ def _route_softmax_with_selection_bias(specs, config: TransformerConfig, arch: D
     floor = arch.softmax_routing_selection_bias_floor()
     if config.num_moe_experts and floor is not None:
         router = softmax_router_with_selection_bias(floor)
+        for spec in {id(spec): spec for spec in specs}.values():
+            _replace_module(spec, TopKRouter, router)
+
+
+def _route_with_sparse_mixer(specs, config: TransformerConfig, arch: DecoderArchitecture) -> None:
+    """SparseMixer routing (`sparse_mixer_jitter_eps`, PhiMoE): the MoE layers' router is `SparseMixerRouter`."""
+    jitter_eps = arch.sparse_mixer_jitter_eps()
+    if config.num_moe_experts and jitter_eps is not None:
+        router = sparse_mixer_router(jitter_eps)
         for spec in {id(spec): spec for spec in specs}.values():
             _replace_module(spec, TopKRouter, router)
 

@@ -184,6 +184,22 @@ class TransformersRMSNorm(torch.nn.Module):
         return self.weight * x.to(dtype)
 
 
+class TransformersLayerNorm(torch.nn.Module):
+    """LayerNorm with a bias, as torch's `nn.LayerNorm` computes it (PhiMoE), for megatron's norm slots on the local
+    path; weight and bias marked `sequence_parallel` like `TransformersRMSNorm`'s weight."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        for parameter in (self.weight, self.bias):
+            setattr(parameter, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
 class TransformersRMSNormWeightInFloat32(TransformersRMSNorm):
     weight_in_float32 = True
 
@@ -306,6 +322,63 @@ class SelectionBiasedSoftmaxRouter(TopKRouter):
         chosen = (scores + self.expert_bias).topk(self.topk, dim=-1).indices
         probs = scores.gather(1, chosen)
         probs = (probs / probs.sum(dim=-1, keepdim=True).clamp(min=self.floor)).type_as(logits)
+        routing_probs = torch.zeros_like(logits).scatter(1, chosen, probs)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)
+        return routing_probs, routing_map
+
+
+def sparse_mixer_router(jitter_eps: float) -> type:
+    """`SparseMixerRouter` whose masks keep the logits within a relative `2 · jitter_eps` of the best (PhiMoE's
+    `router_jitter_noise`)."""
+
+    class ThresholdedSparseMixerRouter(SparseMixerRouter):
+        threshold = 2 * jitter_eps
+
+    return ThresholdedSparseMixerRouter
+
+
+class SparseMixerRouter(TopKRouter):
+    """PhiMoE's SparseMixer top-2 routing (transformers' `sparsemixer`) in evaluation.
+
+    The first expert is the best logit, weighted by its softmax over only the logits within a relative `threshold` of
+    it (`(best - logit) / max(|logit|, best) <= threshold`); the second is the best logit once the first is masked,
+    weighted by its softmax over the remaining logits within the threshold of it. Training samples the experts (Gumbel
+    noise), jitters the input and estimates the routing gradient with Heun's method: not implemented, refused.
+    Like `BestScoreGroupRouter`, it runs without megatron's auxiliary losses, z-loss or token dropping.
+    """
+
+    threshold: float = 0.0
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        extras = self.is_aux_loss_enabled() or config.moe_z_loss_coeff or config.moe_expert_capacity_factor is not None
+        if self.topk != 2 or config.moe_router_enable_expert_bias or extras:
+            raise ValueError(
+                "SparseMixerRouter routes each token to 2 experts, without a score correction, auxiliary losses, "
+                "z-loss or token dropping."
+            )
+
+    def _masked_softmax_weight(self, scores, logits, best, chosen):
+        """The weight of `chosen` (the best of `scores`): its softmax over the `scores` within the threshold of `best`."""
+        factor = logits.abs().clamp(min=best)
+        outside = ((best - logits) / factor) > self.threshold
+        return torch.softmax(scores.masked_fill(outside, float("-inf")), dim=-1).gather(-1, chosen)
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        if self.training:
+            raise NotImplementedError(
+                "PhiMoE's SparseMixer router samples experts while training (Gumbel noise, input_jitter_noise, a "
+                "Heun's-method gradient estimator); only evaluation is implemented. Call model.eval() (forward, "
+                "generate and export are exact); training this model is not supported."
+            )
+        logits = logits.view(-1, self.config.num_moe_experts)
+        best, first = logits.max(dim=-1, keepdim=True)
+        first_weight = self._masked_softmax_weight(logits, logits, best, first)
+        without_first = torch.scatter(logits, -1, first, float("-inf"))
+        second_best, second = without_first.max(dim=-1, keepdim=True)
+        second_weight = self._masked_softmax_weight(without_first, logits, second_best, second)
+        chosen = torch.cat((first, second), dim=-1)
+        probs = torch.cat((first_weight, second_weight), dim=-1)
         routing_probs = torch.zeros_like(logits).scatter(1, chosen, probs)
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)
         return routing_probs, routing_map

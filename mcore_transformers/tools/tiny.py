@@ -56,6 +56,10 @@ FAMILIES: dict[str, dict] = {
     ),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=7),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    # LayerNorms with biases; SparseMixer top-2 of 6 within a relative 2 · 0.1 of each choice's best logit (some
+    # tokens' weights come from a softmax over several logits, some are exactly 1); input jitter (identity in eval)
+    "phimoe": dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=32, sliding_window=7,
+                   router_jitter_noise=0.1, input_jitter_noise=0.01),
     "deepseek_v3": dict(  # MLA with YaRN, group-limited sigmoid routing, shared expert, first layer dense
         num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2,
         moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
@@ -107,7 +111,7 @@ FAMILIES: dict[str, dict] = {
 }
 MOE_FAMILIES = (
     "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "glm4_moe", "glm4_moe_lite", "deepseek_v2",
-    "ernie4_5_moe", "minimax_m2", "granitemoe",
+    "ernie4_5_moe", "minimax_m2", "granitemoe", "phimoe",
 )
 
 
