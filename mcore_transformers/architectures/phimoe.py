@@ -1,6 +1,6 @@
 """PhiMoE (Phi-3.5-MoE): Mixtral's layout (`block_sparse_moe` experts w1 / w3 / w2; in memory `mlp.router` and
 stacked experts) with LayerNorms that have biases, and SparseMixer top-2 routing: each of the two experts weighted by a
-softmax over only the logits within a relative 2·`router_jitter_noise` of it (`layers.SparseMixerRouter`).
+softmax over only the logits within a relative 2·`router_jitter_noise` of it (`routers.SparseMixerRouter`).
 
 Evaluation only: SparseMixer samples experts while training (and `input_jitter_noise` jitters the input), which the
 router refuses. Biases on the attention projections and the LM head, and longrope with its mscales, are refused."""

@@ -41,7 +41,6 @@ from .fast_layers import (
     SdpaDotProductAttention,
 )
 from .layers import (
-    BestScoreGroupRouter,
     KeyProjectionRMSNorm,
     KeyProjectionRMSNormWeightInFloat32,
     LatentDotProductAttention,
@@ -54,12 +53,11 @@ from .layers import (
     TransformersRMSNormUnitOffset,
     TransformersRMSNormWeightInFloat32,
     scaled_bias_dropout_add,
-    softmax_router_with_selection_bias,
-    sparse_mixer_router,
     with_epsilon,
     with_post_norm,
 )
 from .padding_row import freeze_pad_row_lookups
+from .routers import router_for
 from .stream_ends import divide_logits, scale_embedding_output, softcap_logits
 from ..runtime.cpu import bridge_missing_transformer_engine
 from ..runtime.parallel import ParallelConfig
@@ -245,9 +243,7 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
     _add_post_norms(block.layer_specs, arch, norm)
     _softcap_attention(block.layer_specs, arch)
     _scale_sublayer_outputs(block.layer_specs, arch)
-    _route_groups_by_best_score(block.layer_specs, config, arch)
-    _route_softmax_with_selection_bias(block.layer_specs, config, arch)
-    _route_with_sparse_mixer(block.layer_specs, config, arch)
+    _choose_router(block.layer_specs, config, arch)
     _latent_norms_with_own_eps(block.layer_specs, config, arch, norm, use_te)
     return block
 
@@ -333,29 +329,10 @@ def _add_post_norms(specs, arch: DecoderArchitecture, norm: type) -> None:
         mlp.linear_fc2 = with_post_norm(mlp.linear_fc2, norm)
 
 
-def _route_groups_by_best_score(specs, config: TransformerConfig, arch: DecoderArchitecture) -> None:
-    """Group-limited routing that ranks each group by its best score (`expert_groups_ranked_by_best_score`): the MoE
-    layers' router is `BestScoreGroupRouter` instead of megatron's TopKRouter."""
-    if config.moe_router_group_topk and arch.expert_groups_ranked_by_best_score():
-        for spec in {id(spec): spec for spec in specs}.values():
-            _replace_module(spec, TopKRouter, BestScoreGroupRouter)
-
-
-def _route_softmax_with_selection_bias(specs, config: TransformerConfig, arch: DecoderArchitecture) -> None:
-    """Softmax routing whose choice adds a score-correction bias (`softmax_routing_selection_bias_floor`): the MoE
-    layers' router is `SelectionBiasedSoftmaxRouter` (megatron's router takes such a bias with sigmoid scores only)."""
-    floor = arch.softmax_routing_selection_bias_floor()
-    if config.num_moe_experts and floor is not None:
-        router = softmax_router_with_selection_bias(floor)
-        for spec in {id(spec): spec for spec in specs}.values():
-            _replace_module(spec, TopKRouter, router)
-
-
-def _route_with_sparse_mixer(specs, config: TransformerConfig, arch: DecoderArchitecture) -> None:
-    """SparseMixer routing (`sparse_mixer_jitter_eps`, PhiMoE): the MoE layers' router is `SparseMixerRouter`."""
-    jitter_eps = arch.sparse_mixer_jitter_eps()
-    if config.num_moe_experts and jitter_eps is not None:
-        router = sparse_mixer_router(jitter_eps)
+def _choose_router(specs, config: TransformerConfig, arch: DecoderArchitecture) -> None:
+    """The router the architecture's switches ask for (`routers.router_for`) in place of megatron's TopKRouter."""
+    router = router_for(arch, config)
+    if router is not None:
         for spec in {id(spec): spec for spec in specs}.values():
             _replace_module(spec, TopKRouter, router)
 
