@@ -3,7 +3,7 @@ distributed checkpoints, run as users run it under torchrun (the command joins t
 
     torchrun --nproc_per_node=2 tests/dist_convert_worker.py ROOT OUT
 
-ROOT holds the tiny checkpoints (and an HF PEFT adapter) the test wrote; each step of STEPS runs the
+ROOT holds the tiny checkpoints (and an HF PEFT LoRA adapter of the llama) the test wrote; each step of STEPS runs the
 command with its arguments and records its exit code in OUT/record.json; the test reads the folders it
 wrote. Errors of the Python API are recorded by type and message. Between steps the parallel state is
 torn down, so every step picks its own layout.
@@ -42,8 +42,20 @@ STEPS: list[tuple[str, list[str]]] = [
     # an HF PEFT adapter merged on the way (what merge_and_unload gives), HF -> HF at tp=2
     ("merge-lora-tp2", ["{root}/llama", "{out}/merged", "--tp", "2", "--to", "hf",
                         "--adapter", "{root}/adapter", "--merge-lora"]),
+    # an HF PEFT adapter kept as adapter state in the checkpoint (tp=2), back as an HF PEFT folder at tp=1 (dp=2),
+    # resharded into another checkpoint (pp=2) and out of it (to --adapter-out), merged out of a checkpoint
+    ("adapter-to-mcore-tp2", ["{root}/llama", "{out}/lora-tp2", "--tp", "2", "--adapter", "{root}/adapter"]),
+    ("adapter-tp2-to-hf", ["{out}/lora-tp2", "{out}/lora-hf"]),
+    ("adapter-tp2-to-mcore-pp2", ["{out}/lora-tp2", "{out}/lora-pp2", "--to", "mcore", "--pp", "2"]),
+    ("adapter-pp2-to-hf", ["{out}/lora-pp2", "{out}/lora-hf-from-pp2", "--tp", "2",
+                           "--adapter-out", "{out}/lora-adapter-from-pp2"]),
+    ("adapter-merged-from-mcore", ["{out}/lora-tp2", "{out}/lora-merged", "--pp", "2", "--merge-lora"]),
     # refused before anything is written
     ("into-non-empty", ["{root}/llama", "{out}/occupied", "--tp", "2"]),
+    ("adapter-of-another-base", ["{root}/llama-kv1", "{out}/refused-other-base", "--tp", "2",
+                                 "--adapter", "{root}/adapter"]),
+    ("merge-without-adapter", ["{out}/llama-tp2", "{out}/refused-merge", "--merge-lora"]),
+    ("adapter-not-lora", ["{root}/llama", "{out}/refused-not-lora", "--adapter", "{root}/llama"]),
 ]
 
 

@@ -9,8 +9,11 @@ tests read what it wrote:
 - a checkpoint resharded into another checkpoint (tp=2 -> pp=2) and the folders `from_pretrained` loads
   directly pass the HF-vs-mcore precision check (`--verify`);
 - an HF PEFT adapter merged on the way equals peft's merge_and_unload on the transformers model;
+- an HF PEFT adapter kept as adapter state in a checkpoint (tp=2), resharded into another (pp=2), comes back
+  as an HF PEFT folder bit for bit, and merged out of the checkpoint equals merge_and_unload;
 - what cannot work is refused with the cause and the fix: another query-group count, an interrupted
-  checkpoint, a non-empty target (left untouched), resuming training from a weights-only checkpoint.
+  checkpoint, a non-empty target (left untouched), resuming training from a weights-only checkpoint, an
+  adapter of another base, --merge-lora without an adapter, a folder that is not a LoRA adapter.
 """
 
 from __future__ import annotations
@@ -143,6 +146,59 @@ def test_merged_adapter_equals_peft_merge_and_unload(converted):
     assert changed and all(("q_proj" in n or "v_proj" in n or "down_proj" in n) for n in changed)
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("steps,adapter,base", [
+    (["adapter-to-mcore-tp2", "adapter-tp2-to-hf"], "lora-hf/adapter", "lora-hf"),
+    (["adapter-to-mcore-tp2", "adapter-tp2-to-mcore-pp2", "adapter-pp2-to-hf"], "lora-adapter-from-pp2",
+     "lora-hf-from-pp2"),
+])
+def test_adapter_state_round_trip_through_distributed_checkpoints_is_bit_exact(converted, steps, adapter, base):
+    root, out, _ = converted
+    for step in steps:
+        assert "the adapter's too" in _step(converted, step)  # the checks read the adapter back as well
+    state = os.path.join(out, "lora-tp2", "mcore_state")
+    assert sorted(os.listdir(state)) == ["adapter", "dist_ckpt", "hf_tensors.json", "layout.json"]
+    assert os.listdir(os.path.join(state, "adapter")) == ["adapter_config.json"]
+    expected, got = _tensors(os.path.join(root, "adapter")), _tensors(os.path.join(out, adapter))
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    with open(os.path.join(out, adapter, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert config["peft_type"] == "LORA" and (config["r"], config["lora_alpha"]) == (4, 8)
+    source = _tensors(os.path.join(root, "llama"))
+    weights = _tensors(os.path.join(out, base))  # the base, unmerged
+    assert sorted(weights) == sorted(source) and all(torch.equal(weights[n], t) for n, t in source.items())
+
+
+def test_merged_export_of_a_checkpoint_with_adapter_state_equals_peft_merge_and_unload(converted):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, out, _ = converted
+    _step(converted, "adapter-to-mcore-tp2")
+    assert "merged" in _step(converted, "adapter-merged-from-mcore")
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(root, "llama"))
+    expected = PeftModel.from_pretrained(base, os.path.join(root, "adapter")).merge_and_unload().state_dict()
+    got = _tensors(os.path.join(out, "lora-merged"))
+    assert sorted(got) == sorted(_tensors(os.path.join(root, "llama")))
+    assert not os.path.exists(os.path.join(out, "lora-merged", "adapter"))
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("step,target,words", [
+    ("adapter-of-another-base", "refused-other-base", ["does not fit", "v_proj", "different base"]),
+    ("merge-without-adapter", "refused-merge", ["--merge-lora needs an adapter", "holds none"]),
+    ("adapter-not-lora", "refused-not-lora", ["not an HF PEFT adapter folder", "adapter_config.json"]),
+])
+def test_adapter_that_cannot_convert_is_refused_before_anything_is_written(converted, step, target, words):
+    _, out, record = converted
+    assert record["steps"][step] == 1, record["output"][step]
+    for word in words:
+        assert word in record["output"][step], record["output"][step]
+    assert not os.path.exists(os.path.join(out, target))
 
 
 def test_non_empty_target_is_refused_and_left_untouched(converted):

@@ -8,6 +8,7 @@ sharded form, in the layout MCoreTrainer's `checkpoint-N/` uses:
     mcore_state/hf_tensors.json    the HF tensor names the weights came from (picks the HF layout on export)
     mcore_state/dist_ckpt/         {"model": chunk.sharded_state_dict()} ("model0", "model1"... under vpp)
     mcore_state/unclaimed/         source tensors no rule claims (DeepSeek-V3's MTP layers), copied verbatim
+    mcore_state/adapter/           with a LoRA adapter ("adapter" in dist_ckpt/ too): peft/distributed.py
 
 Every tensor is saved with its global shape and this rank's offsets, so reading it at another tp / pp /
 vpp / ep / etp takes the slices the new layout needs (resharding is megatron's own; the vocabulary's
@@ -159,25 +160,34 @@ def check_query_groups(folder: str, shard_layout, error: type) -> None:
         )
 
 
-def load_chunks(folder: str, chunks: Sequence, shard_layout, error: type = CheckpointError, advice: str = "") -> None:
-    """Collective: the chunks' weights from `folder`'s distributed checkpoint, read at their layout."""
+def load_sharded(folder: str, wanted: dict, error: type = CheckpointError, advice: str = "") -> dict:
+    """Collective: the entries of `wanted` (a sharded state dict) from `folder`'s distributed checkpoint.
+    Entries the checkpoint holds beyond them (an adapter's state, an optimizer's) are not read."""
     from megatron.core import dist_checkpointing
 
     path = dist_dir(folder)
     check_complete(path, error, advice)
-    check_query_groups(folder, shard_layout, error)
-    wanted = model_sharded_state(chunks)
     with megatron_optimizer_device(), not_fitting(path, error, advice):
-        loaded = dist_checkpointing.load(wanted, path)
+        return dist_checkpointing.load(wanted, path)
+
+
+def load_chunks(folder: str, chunks: Sequence, shard_layout, error: type = CheckpointError, advice: str = "") -> None:
+    """Collective: the chunks' weights from `folder`'s distributed checkpoint, read at their layout."""
+    check_complete(dist_dir(folder), error, advice)
+    check_query_groups(folder, shard_layout, error)
+    loaded = load_sharded(folder, model_sharded_state(chunks), error, advice)
     for key, chunk in chunks_by_key(chunks).items():
         chunk.load_state_dict(loaded[key], strict=True)
 
 
-def save_distributed(model, target: str, hf_names: Sequence[str], write_extras) -> None:
+def save_distributed(
+    model, target: str, hf_names: Sequence[str], write_extras, extra_state: Optional[dict] = None
+) -> None:
     """Collective: write `model`'s weights as a distributed checkpoint folder at `target` (module docstring).
 
     The folder is written beside `target` and renamed into place once complete; `target` must not exist or
-    be empty. Rank 0 calls `write_extras(folder)` for the non-weight files before the rename.
+    be empty. Rank 0 calls `write_extras(folder)` for the non-weight files before the rename. `extra_state`
+    (sharded state under top-level keys of its own, e.g. a LoRA adapter's) is written with the weights.
     """
     from megatron.core import dist_checkpointing
 
@@ -202,6 +212,10 @@ def save_distributed(model, target: str, hf_names: Sequence[str], write_extras) 
             os.makedirs(dist_dir(tmp))
         barrier()
         state = model_sharded_state(model.chunks)
+        clash = sorted(set(state) & set(extra_state or {}))
+        if clash:
+            raise ValueError(f"extra state under {clash} would replace the model's own entries")
+        state.update(extra_state or {})
         write_in_this_process()
         with megatron_optimizer_device():
             dist_checkpointing.save(state, dist_dir(tmp))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -142,18 +142,32 @@ class HFExportMixin:
         if dist.is_initialized():
             dist.barrier()
 
-    def save_distributed_checkpoint(self, save_directory: Union[str, os.PathLike]) -> None:
+    def save_distributed_checkpoint(
+        self,
+        save_directory: Union[str, os.PathLike],
+        extra_state: Optional[dict] = None,
+        write_extra_files: Optional[Callable[[str], None]] = None,
+    ) -> None:
         """Collective: write the weights as a megatron-core distributed checkpoint folder (each rank its own
         shards, in parallel) with the source's config and tokenizer files, which `from_pretrained` loads at
         any layout and `mcore-transformers convert` turns back into an HF folder (conversion/distributed.py).
+
+        `extra_state` (sharded state under keys of its own) goes into the same checkpoint and rank 0 calls
+        `write_extra_files(folder)` before it is renamed into place: how `mcore_transformers.peft.
+        save_distributed_checkpoint` adds a LoRA adapter.
         """
         plan = self.export_plan()
         names = [name for entry in plan for name in (entry.stack.names if entry.stack else entry.names)]
         unclaimed = UnclaimedTensors(self.source_folder, plan, self.source_variant) if is_rank0() else None
+
+        def write_files(folder: str) -> None:
+            self._write_non_weight_files(folder, unclaimed)
+            if write_extra_files is not None:
+                write_extra_files(folder)
+
         try:
             distributed.save_distributed(
-                self, str(save_directory), names + (unclaimed.names if unclaimed else []),
-                lambda folder: self._write_non_weight_files(folder, unclaimed),
+                self, str(save_directory), names + (unclaimed.names if unclaimed else []), write_files, extra_state
             )
         finally:
             if unclaimed is not None:

@@ -7,14 +7,17 @@
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
     ...train...
     mpeft.save_adapter(peft_model, "adapter/")            # collective; HF PEFT folder, vLLM-loadable
+    mpeft.save_distributed_checkpoint(peft_model, "ckpt/") # collective; base + adapter state, megatron's format
+    peft_model = mpeft.load_distributed_adapter(MCoreModelForCausalLM.from_pretrained("ckpt/", tp=2), "ckpt/")
     PeftModel.from_pretrained(model, "hf-adapter/")       # adapters trained with HF load exactly
     merged = peft_model.merge_and_unload()                # then merged.save_pretrained("merged/")
 
 How it fits together: `targets` derives, from the weight rules, which rows/columns of every HF
 projection each rank holds and exposes them as HF-named slots; peft wraps a slot in its LoRA layer,
 which `layers` adopts; `host` runs the megatron linear with base and LoRA in one pass; `io` writes
-adapters; `compat` keeps peft's transformers-5 MoE conversion (per-expert names → fused
-`target_parameters`) away from these models, whose view has a module per expert. See docs/lora.md.
+adapters, `distributed` keeps their state in distributed checkpoints; `compat` keeps peft's
+transformers-5 MoE conversion (per-expert names → fused `target_parameters`) away from these models,
+whose view has a module per expert. See docs/lora.md.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ from typing import Iterable
 
 from torch import nn
 
+from .distributed import load_distributed_adapter, save_distributed_checkpoint
 from .errors import AdapterError
 from .io import save_adapter
 from .targets import attach, detach, find_view
 
-__all__ = ["AdapterError", "disable", "enable", "hf_target_modules", "save_adapter"]
+__all__ = [
+    "AdapterError", "disable", "enable", "hf_target_modules", "load_distributed_adapter", "save_adapter",
+    "save_distributed_checkpoint",
+]
 
 
 def enable(model: nn.Module) -> nn.Module:

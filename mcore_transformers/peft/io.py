@@ -45,7 +45,7 @@ def _local_adapter(view: LoraView, adapter: str) -> tuple[dict[str, torch.Tensor
             tensors.update(_lora_tensors(projection.path, module, adapter))
     if view.exposed:  # replicated modules (a vision tower): the first tensor- and data-parallel rank writes
         paths += view.exposed_linear_paths()
-        if _first_replica():
+        if first_replica():
             for path, layer in view.exposed_lora_layers():
                 if adapter in layer.lora_A:
                     adapted.append(path)
@@ -60,7 +60,7 @@ def _lora_tensors(path: str, layer, adapter: str) -> dict[str, torch.Tensor]:
     }
 
 
-def _first_replica() -> bool:
+def first_replica() -> bool:
     if not dist.is_initialized():
         return True
     from megatron.core import parallel_state as ps

@@ -4,8 +4,13 @@ The direction follows SRC: an HF folder (or Hub id) becomes a distributed checkp
 checkpoint (written by convert, `save_distributed_checkpoint` or MCoreTrainer with megatron's optimizer)
 becomes an HF folder; `--to` overrides it (HF → HF re-shards or casts; checkpoint → checkpoint reshards).
 The weights go through the paths training and serving use: `from_pretrained` reads each rank's slices,
-`save_pretrained` / `save_distributed_checkpoint` write them. `--adapter DIR --merge-lora` merges an HF
-PEFT adapter into the weights first (what peft's `merge_and_unload` gives).
+`save_pretrained` / `save_distributed_checkpoint` write them.
+
+LoRA adapters travel with the weights: `--adapter DIR` (an HF PEFT LoRA folder) goes into a distributed
+checkpoint as adapter state (`mcore_transformers/peft/distributed.py`), and a checkpoint holding adapter
+state becomes an HF folder plus the HF PEFT folder `DST/adapter/` (or `--adapter-out DIR`), or another
+checkpoint that keeps it. `--merge-lora` merges the adapter (given, or held by the checkpoint) into the
+weights instead (what peft's `merge_and_unload` gives).
 
 Afterwards the result is checked (unless --no-check): an HF result from an HF source tensor by tensor
 against the source files; any other result is read back at the same layout and every shard compared with
@@ -15,12 +20,16 @@ the converted model's. `--verify` then runs the HF-vs-mcore precision check on t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from typing import Optional
 
 from .compare import compare_folders
 from .launch import is_rank0, say
+
+ADAPTER_SUBFOLDER = "adapter"  # in an HF result: the adapter a checkpoint held (unless --adapter-out)
 
 
 def _is_distributed(path: str) -> bool:
@@ -69,13 +78,61 @@ def _load(path: str, args: argparse.Namespace, dtype):
     )
 
 
-def _merge_adapter(model, adapter: str):
-    from peft import PeftModel
+def _source_has_adapter(path: str) -> bool:
+    from ..peft.distributed import has_adapter_state
 
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return _is_distributed(path) and has_adapter_state(path)
 
 
-def _check(args, model, to: str, source_is_hf: bool) -> int:
+def _with_adapter(model, path: str, adapter: Optional[str]):
+    """The PeftModel of `model` with the adapter of folder `adapter`, or of checkpoint `path`'s adapter
+    state; None when there is neither."""
+    if adapter is not None:
+        from peft import PeftModel
+
+        from ..peft.distributed import check_adapter_fits
+
+        peft_model = PeftModel.from_pretrained(model, adapter)
+        check_adapter_fits(peft_model, adapter)
+        return peft_model
+    if _source_has_adapter(path):
+        from ..peft.distributed import load_distributed_adapter
+
+        return load_distributed_adapter(model, path)
+    return None
+
+
+def _adapter_problem(args, source_is_hf: bool) -> Optional[str]:
+    """Why the adapter options do not fit the source (None when they do), said before anything is loaded."""
+    from ..peft.distributed import lora_folder_problem
+
+    held = not source_is_hf and _source_has_adapter(args.src)
+    if args.adapter and held:
+        return (f"{args.src} already holds adapter state; convert it without --adapter (or convert its base "
+                "first with --merge-lora, then add the new adapter).")
+    if args.merge_lora and not (args.adapter or held):
+        return (f"--merge-lora needs an adapter: --adapter DIR (an HF PEFT folder), or a distributed checkpoint "
+                f"that holds adapter state ({args.src} holds none).")
+    unmerged_to_hf = _target_format(args, source_is_hf) == "hf" and not args.merge_lora and (args.adapter or held)
+    if args.adapter_out and not unmerged_to_hf:
+        return "--adapter-out is where an unmerged adapter goes when converting to an HF folder; it has none here."
+    if args.adapter:
+        problem = lora_folder_problem(args.adapter)
+        if problem:
+            return f"--adapter: {problem}."
+    return None
+
+
+def _target_format(args, source_is_hf: bool) -> str:
+    return args.to or ("mcore" if source_is_hf else "hf")
+
+
+def _adapter_folder(args) -> str:
+    return args.adapter_out or os.path.join(args.dst, ADAPTER_SUBFOLDER)
+
+
+def _check(args, model, to: str, source_is_hf: bool, with_adapter: bool) -> int:
+    """`model` is what was saved: the PeftModel when an unmerged adapter went along."""
     if to == "hf" and source_is_hf and not args.adapter:
         if not is_rank0():
             return 0
@@ -87,12 +144,15 @@ def _check(args, model, to: str, source_is_hf: bool) -> int:
         say(f"check: all {count} tensors equal the source ({f'bit-exact after the cast to {dtype}' if cast else 'bit-exact'})")
         return 0
     reloaded = _load(args.dst, args, model.dtype)
+    if with_adapter:  # the adapter read back too: its state in the checkpoint, or the HF PEFT folder written
+        reloaded = _with_adapter(reloaded, args.dst, _adapter_folder(args) if to == "hf" else None)
     count, differ = _shards_equal(model, reloaded)
     del reloaded
     if differ:
         say(f"check FAILED: {len(differ)} shards read back from {args.dst} differ: {differ[:6]}", file=sys.stderr)
         return 1
-    say(f"check: read back at {_text(model.layout)}, every shard bit-exact ({count} on rank 0)")
+    adapter = " (the adapter's too)" if with_adapter else ""
+    say(f"check: read back at {_text(model.layout)}, every shard bit-exact{adapter} ({count} on rank 0)")
     return 0
 
 
@@ -122,24 +182,29 @@ def run_convert(args: argparse.Namespace) -> int:
         say(f"error: SRC and DST are the same folder ({args.src}): choose a new DST.", file=sys.stderr)
         return 1
     source_is_hf = not _is_distributed(args.src)
-    to = args.to or ("mcore" if source_is_hf else "hf")
-    if args.merge_lora and not args.adapter:
-        say("error: --merge-lora needs --adapter DIR (the HF PEFT adapter folder to merge).", file=sys.stderr)
-        return 1
-    if args.adapter and not args.merge_lora:
-        say("error: --adapter converts adapters only merged into the weights here: add --merge-lora. (A separate "
-            "adapter converts as it is: peft's folders load on any layout with PeftModel.from_pretrained.)",
-            file=sys.stderr)
+    to = _target_format(args, source_is_hf)
+    problem = _adapter_problem(args, source_is_hf)
+    if problem:
+        say(f"error: {problem}", file=sys.stderr)
         return 1
     try:
         start = time.perf_counter()
         model = _load(args.src, args, None if args.dtype == "auto" else args.dtype)
-        if args.adapter:
-            model = _merge_adapter(model, args.adapter)
+        peft_model = _with_adapter(model, args.src, args.adapter)
+        if peft_model is not None and args.merge_lora:
+            model, peft_model = peft_model.merge_and_unload(), None
         loaded = time.perf_counter() - start
         start = time.perf_counter()
         if to == "hf":
             model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+            if peft_model is not None:
+                from ..peft import save_adapter
+
+                save_adapter(peft_model, _adapter_folder(args))
+        elif peft_model is not None:
+            from ..peft import save_distributed_checkpoint
+
+            save_distributed_checkpoint(peft_model, args.dst)
         else:
             model.save_distributed_checkpoint(args.dst)
         saved = time.perf_counter() - start
@@ -148,12 +213,18 @@ def run_convert(args: argparse.Namespace) -> int:
         return 1
 
     what = "an HF folder" if to == "hf" else "a megatron-core distributed checkpoint"
-    merged = f" + {args.adapter} merged" if args.adapter else ""
-    say(f"converted {args.src}{merged} -> {args.dst} ({what}): {model.num_parameters():,} parameters, "
+    adapter = args.adapter or "its adapter"
+    if args.merge_lora:
+        what += f", {adapter} merged"
+    elif peft_model is not None:
+        what += f" + {_adapter_folder(args)} (the adapter)" if to == "hf" else f" with {adapter}'s state"
+    say(f"converted {args.src} -> {args.dst} ({what}): {model.num_parameters():,} parameters, "
         f"{str(model.dtype).replace('torch.', '')} (load {loaded:.1f}s, save {saved:.1f}s at {_text(model.layout)})")
-    ok = args.no_check or _agree(_check(args, model, to, source_is_hf) == 0)
-    if ok and args.verify:
-        ok = _agree(_verify(args, model, to, source_is_hf) == 0)
+    saved_model = peft_model if peft_model is not None else model
+    ok = args.no_check or _agree(_check(args, saved_model, to, source_is_hf, peft_model is not None) == 0)
+    if ok and args.verify:  # the base weights against transformers; the adapter is not part of that check
+        with peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext():
+            ok = _agree(_verify(args, model, to, source_is_hf) == 0)
     return 0 if ok else 1
 
 
@@ -166,8 +237,13 @@ def add_convert_arguments(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: tp)")
     convert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                          help="dtype of the saved weights (default: the checkpoint's)")
-    convert.add_argument("--adapter", default=None, help="an HF PEFT adapter folder to merge (with --merge-lora)")
-    convert.add_argument("--merge-lora", action="store_true", help="merge --adapter into the weights before saving")
+    convert.add_argument("--adapter", default=None,
+                         help="an HF PEFT LoRA folder for this base: kept as adapter state in a distributed "
+                              "checkpoint, written to DST/adapter/ beside an HF folder, or merged (--merge-lora)")
+    convert.add_argument("--adapter-out", default=None,
+                         help=f"where an HF result's adapter goes (default: DST/{ADAPTER_SUBFOLDER}/)")
+    convert.add_argument("--merge-lora", action="store_true",
+                         help="merge the adapter (--adapter, or the state SRC holds) into the weights before saving")
     convert.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default: %(default)s)")
     convert.add_argument("--no-check", action="store_true",
                          help="skip comparing the result with the source (or with the model, read back) afterwards")
