@@ -49,7 +49,8 @@ CHECKPOINTS = {  # name -> (model_type, overrides) for mcore_transformers.tools.
     "minimax_m2": ("minimax_m2", {}),  # q/k norms over all heads, partial rotary, sigmoid routing with a bias
     "granite": ("granite", {}),  # scaled embeddings, residual branches, scores and logits
     "granitemoe": ("granitemoe", {}),
-    "phimoe": ("phimoe", {}),  # LayerNorms with biases, SparseMixer top-2 routing, window 7
+    # LayerNorms with biases, SparseMixer top-2 routing, window 7, q/k/v/o and LM head biases, longrope (its mscale)
+    "phimoe": ("phimoe", {}),
 }
 
 PAD = 0
@@ -94,16 +95,18 @@ CASES: dict[str, tuple] = {
     "greedy-padded-granite": ("granite", "padded", dict(max_new_tokens=24), False),
     "greedy-padded-granitemoe": ("granitemoe", "padded", dict(max_new_tokens=16), False),
     "greedy-padded-phimoe": ("phimoe", "padded", dict(max_new_tokens=16), False),
+    "greedy-single-phimoe": ("phimoe", "single", dict(max_new_tokens=8), False),  # 7 prompt tokens: past the switch
     # Expert parallelism: each replica its own prompts and length (rank r: seed 7 + r, 6 + 6·r new tokens).
     "moe-per-rank": ("qwen3_moe", "padded", {}, False),
 }
 
 # Cases whose generation crosses Phi-3's longrope switch (long factors once a position passes
-# original_max_position_embeddings). transformers' generate then drops its cache to recompute the sequence
-# with the new factors; 5.19.0 drops the cache but still feeds only the last token (a no-cache forward of one
-# token: other tokens than its own model gives); 5.24.0 recomputes the whole sequence. The oracle for these is
-# transformers' forward over the whole sequence at every step (generate without cache), equal to 5.24's.
-RECOMPUTED_BY_TRANSFORMERS = {"greedy-single-phi3", "greedy-padded-phi3"}
+# original_max_position_embeddings; PhiMoE's generate drops its cache there too). transformers' generate then drops
+# its cache to recompute the sequence with the new factors; 5.19.0 drops the cache but still feeds only the last token
+# (a no-cache forward of one token: other tokens than its own model gives); 5.24.0 recomputes the whole sequence. The
+# oracle for these is transformers' forward over the whole sequence at every step (generate without cache), equal to
+# 5.24's.
+RECOMPUTED_BY_TRANSFORMERS = {"greedy-single-phi3", "greedy-padded-phi3", "greedy-single-phimoe"}
 MOE_CASES = ("moe-greedy-single", "moe-greedy-padded")
 TP1_CASES = ("mla-greedy-padded", "sinks-greedy-padded")
 CORE_CASES = ("greedy-padded-llama", "beam", "sample")

@@ -214,14 +214,13 @@ def test_unimplemented_moe_breadth_switch_is_refused_by_name(model_type, switch,
     assert_names(str(err.value), words)
 
 
+# Different mscales make PhiMoE's rotary factor depend on each forward's length (the published config's are equal).
 PHIMOE_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "short_mscale": 1.1,
                    "long_mscale": 1.2, "original_max_position_embeddings": 8, "rope_theta": 10000.0}
 
 
 @pytest.mark.parametrize("switch,words", [
-    ({"attention_bias": True}, ("attention_bias=True", "experts")),
-    ({"lm_head_bias": True}, ("lm_head_bias=True", "output layer")),
-    ({"rope_parameters": PHIMOE_LONGROPE}, ("rope_type='longrope'", "mscale")),
+    ({"rope_scaling": PHIMOE_LONGROPE}, ("short_mscale=1.1", "long_mscale=1.2")),
     ({"num_experts_per_tok": 1}, ("num_experts_per_tok=1", "SparseMixer", "2 experts")),
 ])
 def test_unimplemented_phimoe_switch_is_refused_by_name(switch, words):
@@ -250,6 +249,20 @@ def test_phimoe_routes_exactly_in_eval_and_refuses_training(tmp_path):
     finally:
         destroy_parallel_state()
     assert_names(str(err.value), ("SparseMixer", "training", "model.eval()"))
+
+
+def test_phimoe_lm_head_bias_refuses_resizing_the_vocabulary(tmp_path):
+    from mcore_transformers import MCoreModelForCausalLM, destroy_parallel_state
+    from mcore_transformers.tools.tiny import make_tiny_checkpoint
+
+    source = make_tiny_checkpoint(str(tmp_path / "phimoe"), "phimoe", num_hidden_layers=1)
+    try:
+        model = MCoreModelForCausalLM.from_pretrained(source)
+        with pytest.raises(errors.UnsupportedModelError) as err:
+            model.resize_token_embeddings(260)
+    finally:
+        destroy_parallel_state()
+    assert_names(str(err.value), ("resize_token_embeddings", "lm_head_bias=True"))
 
 
 def test_ernie4_5_moe_layers_and_routing_follow_the_config():

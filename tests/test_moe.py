@@ -10,7 +10,7 @@ the best single score; V2-Lite's greedy routing and q_proj as a second checkpoin
 softmax routing whose choice adds a score-correction bias, a shared expert, MoE on a middle range of layers),
 minimax_m2 (q/k norms over all heads, partial rotary, sigmoid routing with a correction bias, no shared expert),
 granitemoe (Granite's embedding, residual, score and logit scalars; experts stacked on disk), phimoe (LayerNorms with
-biases, SparseMixer top-2 routing, sliding window).
+biases, SparseMixer top-2 routing, sliding window, q/k/v/o and LM head biases, longrope with its mscale).
 Layouts: one process, ep=2, tp=2 with sequence parallelism (experts split over etp=2), tp=2·ep=2
 with etp=1, pp=2. Checkpoints in both expert layouts (per-expert, stacked) and with unused MTP
 tensors. Each layout is one worker launch (tests/dist_moe_worker.py) that loads every case in turn;

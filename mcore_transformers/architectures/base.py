@@ -126,6 +126,16 @@ class DecoderArchitecture(RotarySettings):
             )
         return attention
 
+    def attention_output_bias(self) -> bool:
+        """A bias on o_proj while the MLP has none (PhiMoE's `attention_bias`): megatron's `add_bias_linear` would put
+        one on the MLP too, so attention's linear_proj gets one of its own (`layers.with_bias`)."""
+        return False
+
+    def lm_head_bias(self) -> bool:
+        """The LM head has a bias (PhiMoE's `lm_head_bias`), vocabulary-sharded like the head's rows; megatron's output
+        layer has none (`stream_ends.add_output_bias`)."""
+        return False
+
     def qk_layernorm(self) -> bool:
         return False
 
@@ -291,6 +301,8 @@ class DecoderArchitecture(RotarySettings):
             rules.append(VocabColumn("output_layer.weight", "model.embed_tokens.weight", exported=False))
         else:
             rules.append(VocabColumn("output_layer.weight", "lm_head.weight"))
+        if self.lm_head_bias():
+            rules.append(VocabColumn("output_layer.bias", "lm_head.bias"))
         return rules
 
     def layer_rules(self) -> list[Rule]:
@@ -315,7 +327,7 @@ class DecoderArchitecture(RotarySettings):
         rules: list[Rule] = [qkv("weight"), Row(attn + "linear_proj.weight", hf_attn + "o_proj.weight")]
         if self.qkv_bias() or self.linear_bias():
             rules.append(qkv("bias"))
-        if self.linear_bias():
+        if self.linear_bias() or self.attention_output_bias():
             rules.append(Replicated(attn + "linear_proj.bias", hf_attn + "o_proj.bias"))
         if self.qk_layernorm():
             # A norm over one head is the same on every rank; one over all heads is split with them.

@@ -2,8 +2,19 @@
 stacked experts) with LayerNorms that have biases, and SparseMixer top-2 routing: each of the two experts weighted by a
 softmax over only the logits within a relative 2·`router_jitter_noise` of it (`routers.SparseMixerRouter`).
 
+`attention_bias`: biases on q/k/v and o_proj while the experts have none (o_proj's is megatron's linear_proj's own,
+`attention_output_bias`); `lm_head_bias`: a bias on the LM head. A rotary other than the default (the published
+longrope) multiplies cos and sin by `short_mscale`, or `long_mscale` in a forward whose positions pass
+original_max_position_embeddings, and transformers rotates by the short factors at every length (its rotary re-runs
+the rope init without the sequence length). Both mscales equal (the published config) is one softmax scale; different
+ones are refused.
+
 Evaluation only: SparseMixer samples experts while training (and `input_jitter_noise` jitters the input), which the
-router refuses. Biases on the attention projections and the LM head, and longrope with its mscales, are refused."""
+router refuses."""
+
+from typing import Optional
+
+import torch
 
 from ..errors import UnsupportedModelError
 from .base import register
@@ -18,24 +29,34 @@ class PhiMoe(Mixtral):
     def layer_norm_with_bias(self) -> bool:
         return True
 
+    def linear_bias(self) -> bool:
+        return False  # the experts never have biases (q/k/v's: `qkv_bias`, o_proj's: `attention_output_bias`)
+
+    def attention_output_bias(self) -> bool:
+        return bool(getattr(self.hf, "attention_bias", False))
+
+    def lm_head_bias(self) -> bool:
+        return bool(getattr(self.hf, "lm_head_bias", False))
+
     def sparse_mixer_jitter_eps(self) -> float:
         return float(self.hf.router_jitter_noise)
 
+    def long_rope(self) -> Optional[tuple[int, torch.Tensor]]:
+        return None  # transformers' PhiMoE rotary takes the short factors whatever the length
+
+    def rope_attention_factor(self) -> float:
+        params = self.rope_parameters()
+        if params.get("rope_type", "default") == "default":
+            return super().rope_attention_factor()
+        short, long = float(params["short_mscale"]), float(params["long_mscale"])
+        if short != long:
+            raise UnsupportedModelError(
+                f"short_mscale={short} with long_mscale={long}: PhiMoE's rotary factor then changes with the length of "
+                "each forward, which is not implemented (one softmax scale holds it when both are equal)."
+            )
+        return short
+
     def transformer_config(self) -> dict:
-        hf = self.hf
-        if getattr(hf, "attention_bias", False):
-            raise UnsupportedModelError(
-                "attention_bias=True: PhiMoE's q/k/v/o biases without biases on its experts are not supported "
-                "(megatron-core puts a bias on o_proj and the MLP together or on neither)."
-            )
-        if getattr(hf, "lm_head_bias", False):
-            raise UnsupportedModelError("lm_head_bias=True: megatron-core's output layer has no bias.")
-        rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise UnsupportedModelError(
-                f"rope_type={rope_type!r}: PhiMoE scales its rotary by short_mscale / long_mscale, which is not "
-                "implemented; only the default rotary is supported."
-            )
         if self.experts_per_token() != 2:
             raise UnsupportedModelError(
                 f"num_experts_per_tok={self.experts_per_token()}: SparseMixer always routes to 2 experts (transformers "

@@ -53,12 +53,13 @@ from .layers import (
     TransformersRMSNormUnitOffset,
     TransformersRMSNormWeightInFloat32,
     scaled_bias_dropout_add,
+    with_bias,
     with_epsilon,
     with_post_norm,
 )
 from .padding_row import freeze_pad_row_lookups
 from .routers import router_for
-from .stream_ends import divide_logits, scale_embedding_output, softcap_logits
+from .stream_ends import add_output_bias, divide_logits, scale_embedding_output, softcap_logits
 from ..runtime.cpu import bridge_missing_transformer_engine
 from ..runtime.parallel import ParallelConfig
 
@@ -220,6 +221,7 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
         _add_post_norms([spec], arch, norm)
         _softcap_attention([spec], arch)
         _scale_sublayer_outputs([spec], arch)
+        _bias_on_attention_output([spec], arch)
         return spec
     if plain:
         layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -243,6 +245,7 @@ def _block_spec(config: TransformerConfig, use_te: bool, arch: DecoderArchitectu
     _add_post_norms(block.layer_specs, arch, norm)
     _softcap_attention(block.layer_specs, arch)
     _scale_sublayer_outputs(block.layer_specs, arch)
+    _bias_on_attention_output(block.layer_specs, arch)
     _choose_router(block.layer_specs, config, arch)
     _latent_norms_with_own_eps(block.layer_specs, config, arch, norm, use_te)
     return block
@@ -278,6 +281,15 @@ def _scale_sublayer_outputs(specs, arch: DecoderArchitecture) -> None:
         return
     for spec in {id(spec): spec for spec in specs}.values():
         spec.submodules.self_attn_bda = spec.submodules.mlp_bda = scaled_bias_dropout_add(multiplier)
+
+
+def _bias_on_attention_output(specs, arch: DecoderArchitecture) -> None:
+    """Families with a bias on o_proj but none on the MLP (PhiMoE): attention's linear_proj built with one."""
+    if not arch.attention_output_bias():
+        return
+    for spec in {id(spec): spec for spec in specs}.values():
+        attention = spec.submodules.self_attention.submodules
+        attention.linear_proj = with_bias(attention.linear_proj)
 
 
 def _assign_rotary_tables(chunks, arch: DecoderArchitecture) -> None:
@@ -461,6 +473,8 @@ def build_model(arch: DecoderArchitecture, layout: ParallelConfig, dtype: torch.
             # GPTModel builds its LM head as megatron's ColumnParallelLinear (not from the layer spec): the lean
             # subclass computes the same logits faster (its forward is the only difference).
             chunk.output_layer.__class__ = FastColumnParallelLinear
+    if arch.lm_head_bias():
+        add_output_bias(chunks)
     mark_tensor_parallel_weights(chunks)
     freeze_pad_row_lookups(chunks, getattr(arch.hf, "pad_token_id", None), vocab, layout.sequence_parallel)
     scale_embedding_output(chunks, arch.embedding_multiplier())

@@ -227,6 +227,19 @@ def with_post_norm(linear_class: type, norm_class: type) -> type:
     return PostNormed
 
 
+def with_bias(linear_class: type) -> type:
+    """`linear_class` built with a bias whatever the config's `add_bias_linear` says: PhiMoE's o_proj has a bias while
+    its experts have none, and megatron builds attention's linear_proj and the MLP's linears from that one switch. A
+    row-parallel bias is whole on every rank, added after the reduce (megatron's RowParallelLinear)."""
+
+    class Biased(linear_class):
+        def __init__(self, input_size: int, output_size: int, **kwargs):
+            super().__init__(input_size, output_size, **{**kwargs, "bias": True})
+
+    Biased.__name__ = Biased.__qualname__ = f"Biased{linear_class.__name__}"
+    return Biased
+
+
 def _normalise_output(linear, args, result):
     output, bias = result
     if bias is not None:

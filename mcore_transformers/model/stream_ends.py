@@ -1,11 +1,12 @@
 """Elementwise changes at the two ends of the decoder stream that some families make and megatron-core's GPTModel
 has no switch for: a factor on the embedding output (Gemma: sqrt(hidden_size); Granite), the LM logits divided by a
-number (Granite) and a soft cap on them (Gemma 2: `cap · tanh(logits / cap)`).
+number (Granite) and a soft cap on them (Gemma 2: `cap · tanh(logits / cap)`); and a bias on the LM head (PhiMoE),
+a parameter of the output layer rather than a hook.
 
-Both are forward hooks put on this rank's chunks at build time, like the pad-row hook (padding_row.py), so every
-path that runs the modules sees them: forward, generate, the training step, megatron's pipeline schedule. Being
-elementwise, they apply to whatever part of the tensor a rank holds: a sequence-parallel slice of the embedding
-output, a tensor-parallel shard of the vocabulary.
+The factor, divisor and cap are forward hooks put on this rank's chunks at build time, like the pad-row hook
+(padding_row.py), so every path that runs the modules sees them: forward, generate, the training step, megatron's
+pipeline schedule. Being elementwise, they apply to whatever part of the tensor a rank holds: a sequence-parallel slice
+of the embedding output, a tensor-parallel shard of the vocabulary.
 """
 
 from __future__ import annotations
@@ -25,6 +26,22 @@ def scale_embedding_output(chunks, multiplier: Optional[float]) -> None:
             chunk.embedding.register_forward_hook(
                 lambda module, args, output: output * torch.tensor(multiplier).to(output.dtype)
             )
+
+
+def add_output_bias(chunks) -> None:
+    """The last stage's LM head with a bias (PhiMoE's `lm_head_bias`; megatron's GPTModel builds its output layer
+    without one): a parameter of the output layer itself, this rank's vocabulary rows (padded rows included), so its
+    own forward adds it (`x·Wᵀ + bias`, as transformers' nn.Linear) wherever the logits are computed, before the hooks
+    below, and the weight rules load and export it like the head's rows (`output_layer.bias`)."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for chunk in chunks:
+        if chunk.post_process:
+            head = chunk.output_layer
+            rows = head.output_size_per_partition
+            bias = torch.nn.Parameter(torch.empty(rows, dtype=chunk.config.params_dtype, device="meta"))
+            set_tensor_model_parallel_attributes(bias, True, 0, 1)
+            head.bias = bias
 
 
 def divide_logits(chunks, divisor: Optional[float]) -> None:

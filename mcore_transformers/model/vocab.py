@@ -30,7 +30,7 @@ from torch import nn
 from ..conversion.binding import BoundParam
 from ..conversion.exporter import gather_full
 from ..conversion.rules import InMemorySource, ShardLayout, VocabColumn
-from ..errors import MCoreTransformersError
+from ..errors import MCoreTransformersError, UnsupportedModelError
 from .lockstep import sampling_in_lockstep
 
 WORD_EMBEDDINGS = "embedding.word_embeddings.weight"  # megatron's name of the input embedding
@@ -167,6 +167,11 @@ def resize_vocabulary(model, new_num_tokens: Optional[int], pad_to_multiple_of: 
     """Collective over the world: grow or shrink the vocabulary as transformers would; returns the new size."""
     from transformers import PreTrainedModel
 
+    if model.arch.lm_head_bias():
+        raise UnsupportedModelError(
+            "resize_token_embeddings on a model whose LM head has a bias (lm_head_bias=True) is not implemented (the "
+            "bias would keep the old vocabulary). Resize the transformers model, save it, and load that folder."
+        )
     config = model.language_config
     old_size, hidden = config.vocab_size, config.hidden_size
     embeddings_name = input_name(model)

@@ -57,9 +57,14 @@ FAMILIES: dict[str, dict] = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=7),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32),
     # LayerNorms with biases; SparseMixer top-2 of 6 within a relative 2 · 0.1 of each choice's best logit (some
-    # tokens' weights come from a softmax over several logits, some are exactly 1); input jitter (identity in eval)
+    # tokens' weights come from a softmax over several logits, some are exactly 1); input jitter (identity in eval);
+    # biases on q/k/v/o and the LM head, none on the experts; longrope with the published config's equal mscales and
+    # distinct short / long factors, switching past 8 positions (transformers keeps the short factors)
     "phimoe": dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=32, sliding_window=7,
-                   router_jitter_noise=0.1, input_jitter_noise=0.01),
+                   router_jitter_noise=0.1, input_jitter_noise=0.01, attention_bias=True, lm_head_bias=True,
+                   rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                 "long_factor": [2.0 + 0.5 * i for i in range(8)], "short_mscale": 1.243163121016122,
+                                 "long_mscale": 1.243163121016122, "original_max_position_embeddings": 8}),
     "deepseek_v3": dict(  # MLA with YaRN, group-limited sigmoid routing, shared expert, first layer dense
         num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2,
         moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
