@@ -33,6 +33,8 @@ SWAPS = {  # the whole change a user makes: import lines, nothing else
     "from transformers import AutoModelForCausalLM": "from mcore_transformers import MCoreModelForCausalLM as AutoModelForCausalLM",
     "from transformers import Trainer": "from mcore_transformers import MCoreTrainer as Trainer",
     "from trl import SFTTrainer": "from mcore_transformers.trl import SFTTrainer",
+    "from trl import DPOTrainer": "from mcore_transformers.trl import DPOTrainer",
+    "from trl import GRPOTrainer": "from mcore_transformers.trl import GRPOTrainer",
 }
 # run -> (script's imports swapped, world, MCORE_TRANSFORMERS_* layout)
 RUNS = {
@@ -170,20 +172,34 @@ def test_trl_sft_matches_trl_on_transformers(sft_runs, kind, run):
     assert reloaded.item() == pytest.approx(trained.item(), rel=1e-5)
 
 
-# ---- TRL's DPO and GRPO (tp = pp = 1, TRL's own trainers) -------------------------------------------
-@pytest.mark.parametrize("script", ["dpo", "grpo"])
-def test_trl_dpo_and_grpo_match_trl_on_transformers(script, tmp_path):
-    """DPO with a reference model, GRPO generating through `generate` mid-training: every logged number of every
-    step (loss, rewards, KL, grad norm) equals TRL on the HF model."""
-    path = os.path.join(ROOT, "examples", "drop_in", f"{script}.py")
-    logs = {}
-    for run in ("hf", "tp1"):
-        out = str(tmp_path / run)
-        os.makedirs(out)
-        _run(path, run, [DEMO, out], out)
-        with open(os.path.join(out, "logs.json")) as f:
-            logs[run] = json.load(f)
-    assert len(logs["tp1"]) == 3 and [sorted(step) for step in logs["tp1"]] == [sorted(step) for step in logs["hf"]]
-    for ours, expected in zip(logs["tp1"], logs["hf"]):
-        for key, value in expected.items():
-            assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, ours, expected)
+# ---- TRL's DPO and GRPO: TRL's own trainers at tp = pp = 1, mcore_transformers.trl's under tp / pp ---------------
+RL_RUNS = [(script, run) for script in ("dpo", "grpo") for run in ("tp1", "tp2", "pp2")] + [("dpo-lora", "tp2")]
+
+
+@pytest.fixture(scope="module")
+def rl_logs(tmp_path_factory):
+    done = {}
+
+    def get(script: str, run: str) -> list:
+        if (script, run) not in done:
+            out = str(tmp_path_factory.mktemp(f"{script}-{run}"))
+            name, _, variant = script.partition("-")
+            _run(os.path.join(ROOT, "examples", "drop_in", f"{name}.py"), run, [DEMO, out] + [variant] * bool(variant), out)
+            with open(os.path.join(out, "logs.json")) as f:
+                done[(script, run)] = json.load(f)
+        return done[(script, run)]
+
+    return get
+
+
+@pytest.mark.parametrize("script,run", RL_RUNS, ids=[f"{s}-{r}" for s, r in RL_RUNS])
+def test_trl_dpo_and_grpo_match_trl_on_transformers(rl_logs, script, run):
+    """DPO with a reference model or, with LoRA, the adapter disabled (three steps, then evaluation), GRPO generating
+    through `generate` mid-training:
+    every logged number of every step (loss, rewards, KL, grad norm, eval loss and rewards) equals TRL on the HF
+    model. Under tp / pp TRL's own loss is replayed through megatron's schedule (training/replay.py)."""
+    expected, ours = rl_logs(script, "hf"), rl_logs(script, run)
+    assert len(ours) == (4 if script.startswith("dpo") else 3) and [sorted(step) for step in ours] == [sorted(step) for step in expected]
+    for got, want in zip(ours, expected):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, got, want)

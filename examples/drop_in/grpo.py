@@ -1,9 +1,11 @@
 """Online RL with TRL's GRPOTrainer (generation through the model's own `generate`), written for transformers. To run
-it on megatron-core (tp = pp = 1, TRL's own trainer) change only the model import:
+it on megatron-core change only imports:
 
-    from mcore_transformers import MCoreModelForCausalLM as AutoModelForCausalLM
+    from mcore_transformers import MCoreModelForCausalLM as AutoModelForCausalLM   # tp = pp = 1: TRL's own trainer
+    from mcore_transformers.trl import GRPOTrainer                                 # any layout, under torchrun
 
     python examples/drop_in/grpo.py MODEL OUT_DIR
+    MCORE_TRANSFORMERS_TP=2 torchrun --nproc_per_node=2 examples/drop_in/grpo.py MODEL OUT_DIR
 """
 
 import json
@@ -14,7 +16,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 from transformers import AutoModelForCausalLM
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
+from trl import GRPOTrainer
 
 PROMPTS = ["In the beginning", "And God said", "And the earth", "And the evening"]
 
@@ -40,8 +43,9 @@ def main():
     trainer.train()
     keys = ("loss", "reward", "kl", "completions/mean_length", "grad_norm")
     logs = [{k: entry[k] for k in keys if k in entry} for entry in trainer.state.log_history if "loss" in entry]
-    with open(os.path.join(output_dir, "logs.json"), "w") as f:
-        json.dump(logs, f)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(output_dir, "logs.json"), "w") as f:
+            json.dump(logs, f)
 
 
 if __name__ == "__main__":

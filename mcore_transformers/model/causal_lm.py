@@ -31,6 +31,7 @@ from .hidden_states import Backbone, as_transformers_hidden_states, recording_hi
 from .lockstep import model_parallel_group, ranks_agree
 from .pretrained_options import interpret, update_config
 from .router_aux import recording_router_logits, router_aux_outputs
+from .token_statistics import STATISTICS, FusedHeadOutput, fused_head_output, shifted_targets, token_statistics
 from .recompute import disable_recompute, enable_recompute, recompute_enabled
 from .vocab import VocabView, input_name, output_name, resize_vocabulary
 from ..peft.targets import attach as attach_lora_targets
@@ -340,6 +341,12 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         `stream_edits(padded_seq)` gives what another modality adds to the decoder's stream (`StreamEdits`)."""
         if input_ids is None:
             raise ValueError("input_ids is required.")
+        fused_head = kwargs.pop("fused_lm_head", False)
+        shift_labels = kwargs.pop("shift_labels", None)
+        if fused_head:
+            if labels is None and shift_labels is None:
+                raise ValueError("fused_lm_head=True scores the labels: pass labels (or shift_labels).")
+            use_cache, logits_to_keep = False, 0
         device = self.rotary_inv_freq.device
         input_ids = input_ids.to(device)
         batch, seq = input_ids.shape
@@ -431,7 +438,12 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
         cut_after = sequence_parallel or keep is None  # else run_chunk computed only the kept positions
         logits_seq = padded_seq if cut_after else kept
         with recording as router_logits, hidden_recording as recorded_hidden:
-            if self.layout.pp > 1:
+            if fused_head:
+                targets = shift_labels if shift_labels is not None else shifted_targets(labels)
+                output = self._fused_head(inputs, hidden_shape, targets.to(device), seq, kwargs.pop("num_items_in_batch", None))
+                if shift_labels is None:  # position s - 1 predicts nothing
+                    output = FusedHeadOutput(**{k: v[:, :-1] if v.dim() == 2 else v for k, v in output.items()})
+            elif self.layout.pp > 1:
                 # Pipeline stages run here for inference and evaluation; training under pp goes through
                 # megatron's pipeline schedule (MCoreTrainer), which owns the backward pass.
                 with torch.no_grad():
@@ -441,6 +453,11 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
                     )
             else:
                 logits = forward_logits(self.chunks, inputs, hidden_shape, self.dtype)
+        if fused_head:
+            if aux_spec is not None:
+                output.aux_loss, _ = router_aux_outputs(self.layout, aux_spec, router_logits, attention_mask, batch)
+                output.loss = output.loss + aux_spec[2] * output.aux_loss
+            return output
         if cache is not None:
             cache.end_step(seq)
         logits = logits.transpose(0, 1)[:, :, : self.language_config.vocab_size]
@@ -466,6 +483,27 @@ class MCoreModelForCausalLM(HFExportMixin, PreTrainedModel, MCoreGenerationMixin
             MoeCausalLMOutputWithPast, cache, loss=loss, aux_loss=aux_loss, logits=logits, router_logits=routers,
             hidden_states=hidden_states,
         )
+
+    # TRL's fused LM head (`fused_lm_head=True`) divides the logits by this (its `temperature`: GRPO sets it)
+    fused_head_temperature: float = 1.0
+
+    def _fused_head(self, inputs: ForwardInputs, hidden_shape, targets: torch.Tensor, seq: int, num_items_in_batch):
+        """TRL's fused LM head: per-token log-probabilities of `targets` [b, s] (and TRL's other statistics) from the
+        vocabulary shards, on every rank (token_statistics.py); differentiable at pp = 1."""
+        pipelined = self.layout.pp > 1
+        with torch.no_grad() if pipelined else contextlib.nullcontext():
+            shard = forward_logits(self.chunks, inputs, hidden_shape, self.dtype, gather_vocabulary=False)
+            statistics = None
+            if shard is not None:
+                statistics = token_statistics(
+                    shard[:seq], targets, self.language_config.vocab_size, self.fused_head_temperature
+                )
+            if pipelined:
+                stacked = torch.stack([statistics[name].float() for name in STATISTICS]) if statistics is not None else None
+                stacked = broadcast_from_last_stage(stacked, (len(STATISTICS), *targets.shape), torch.float32, targets.device)
+                statistics = dict(zip(STATISTICS, stacked))
+                statistics["is_top1"] = statistics["is_top1"].bool()
+        return fused_head_output(statistics, targets, num_items_in_batch)
 
     # ---- what a training step asks of the model (training/step.py) ----------------------------------
     extra_inputs: tuple[str, ...] = ()  # batch keys it takes beyond input_ids, labels, attention_mask, position_ids

@@ -153,8 +153,11 @@ def _pipeline_neighbours() -> tuple[list[int], int, int]:
     return dist.get_process_group_ranks(group), ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
 
 
-def forward_logits(chunks: Sequence[GPTModel], inputs: ForwardInputs, hidden_shape, dtype) -> Optional[torch.Tensor]:
-    """Full padded-vocab logits [s, b, V_pad] on the last pipeline stage (None elsewhere).
+def forward_logits(
+    chunks: Sequence[GPTModel], inputs: ForwardInputs, hidden_shape, dtype, gather_vocabulary: bool = True
+) -> Optional[torch.Tensor]:
+    """Full padded-vocab logits [s, b, V_pad] on the last pipeline stage (None elsewhere); this rank's vocabulary
+    shard [s, b, V_pad / tp] without `gather_vocabulary`.
 
     Stages run one after another, virtual stages interleaved as megatron orders them: chunk v of
     pipeline rank r feeds chunk v of rank r+1, and the last rank's chunk v feeds chunk v+1 of rank 0.
@@ -178,8 +181,8 @@ def forward_logits(chunks: Sequence[GPTModel], inputs: ForwardInputs, hidden_sha
             else:
                 dist.send(out.detach().contiguous(), dst=ranks[(stage + 1) % pp_size])
     FORWARD_MEMO.clear()  # what the layers derived from this forward's mask and angles
-    if logits is None:
-        return None
+    if logits is None or not gather_vocabulary:
+        return logits
     return gather_from_tensor_model_parallel_region(logits)
 
 

@@ -39,26 +39,10 @@ def wrap_chunks(
     return wrapped
 
 
-class TrainingModule(nn.Module):
-    """What transformers' Trainer holds as its wrapped model while training: the user's model plus the
-    megatron DDP wrappers of its chunks. `zero_grad` (`zero`) clears the grad buffers and the optimizer's grads."""
-
-    def __init__(self, model: nn.Module, ddp_chunks: list[DistributedDataParallel], zero: Callable[[], None]):
-        super().__init__()
-        self.module = model
-        self.ddp_chunks = nn.ModuleList(ddp_chunks)
-        self._zero = zero
-
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._zero()
-
-
 class EvalModule(nn.Module):
     """What the Trainer evaluates with when no training wrapper exists: the user's model, unwrapped,
-    so that accelerate does not put a torch DDP around it."""
+    so that accelerate does not put a torch DDP around it. Attributes it lacks are the model's (TRL asks the wrapped
+    model for `is_gradient_checkpointing`, `generate`, ...: accelerate's unwrap_model does not know this wrapper)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -66,6 +50,25 @@ class EvalModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
+
+class TrainingModule(EvalModule):
+    """What transformers' Trainer holds as its wrapped model while training: the user's model plus the
+    megatron DDP wrappers of its chunks. `zero_grad` (`zero`) clears the grad buffers and the optimizer's grads."""
+
+    def __init__(self, model: nn.Module, ddp_chunks: list[DistributedDataParallel], zero: Callable[[], None]):
+        super().__init__(model)
+        self.ddp_chunks = nn.ModuleList(ddp_chunks)
+        self._zero = zero
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._zero()
 
 
 class ShardedGrads:

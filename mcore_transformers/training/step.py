@@ -24,16 +24,17 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
 from ..model.forward import ForwardInputs, attention_mask_for, bare_chunk, packed_segments, run_chunk
+from ..model.token_statistics import IGNORE_INDEX, shifted_targets
 from .errors import TrainingError
 from ..model.router_aux import (
     PooledRouting,
     RouterAuxLoss,
     load_balancing_loss,
     recording_router_logits,
+    router_aux_loss_of,
     router_token_mask,
 )
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -44,11 +45,6 @@ class StepResult:
     loss_sum: torch.Tensor  # fp64 sum of token losses over the micro-batches of all data-parallel replicas
     tokens: torch.Tensor  # fp64 number of valid tokens they covered
     aux: Optional[torch.Tensor] = None  # fp64 sum of the micro-batches' load-balancing losses (uncoefficiented)
-
-
-def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
-    """HF causal-LM targets: position t predicts labels[t + 1]; the last position predicts nothing."""
-    return nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def count_valid_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -116,6 +112,32 @@ def vocab_parallel_token_losses(logits: torch.Tensor, targets: torch.Tensor, voc
     return losses * valid
 
 
+def router_aux_loss_for(model) -> Optional[RouterAuxLoss]:
+    """transformers' MoE load-balancing loss when `config.output_router_logits` asks for it (None otherwise).
+
+    Computed over each micro-step's whole batch (every data-parallel replica, every TP rank's slice
+    of the sequence, every pipeline stage's layers), so the value and gradient are transformers' on
+    the global batch. When one forward does not hold the whole batch on every layer (pp > 1, several
+    micro-batches) a counting forward runs first (router_aux.PooledRouting). Refused under
+    activation checkpointing: a recomputed router cannot tell which micro-batch's padding it routes.
+    """
+    spec = router_aux_loss_of(model)
+    if spec is None:
+        return None
+    layout, config = model.layout, model.chunks[0].config
+    if config.recompute_granularity is not None:
+        raise TrainingError(
+            "config.output_router_logits=True (transformers' MoE load-balancing loss) is not supported with "
+            "activation checkpointing: the recomputed routers' logits would be paired with another micro-batch's "
+            "padding. Train without gradient_checkpointing, or set model.config.output_router_logits=False "
+            "(cross-entropy only)."
+        )
+    groups = [ps.get_data_parallel_group()] if dist.is_initialized() else []
+    if layout.sequence_parallel and layout.tp > 1:
+        groups.append(ps.get_tensor_model_parallel_group())
+    return RouterAuxLoss(*spec, groups=tuple(groups))
+
+
 class PipelineStep:
     """Runs forward (+ backward) of one batch over this rank's model chunks with megatron's schedule.
 
@@ -132,6 +154,8 @@ class PipelineStep:
         self._record_router = False  # the aux loss from this forward's own router logits (one pass)
         self._router_mask: Optional[torch.Tensor] = None  # the running micro-batch's tokens, as routers see them
         self.kv_copies = None  # replicated KV heads (kv_copies.KVHeadCopies); set by the trainer
+        # another loss than the causal-LM one: objective(micro_batch, logits_shard) -> (loss, tokens, record) (replay.py)
+        self.objective = None
 
     # -- the two functions the schedule calls -----------------------------------------------------
     def _forward_step(self, data_iterator, chunk_module, *, divisor: torch.Tensor):
@@ -163,6 +187,8 @@ class PipelineStep:
             router = (router_logits, self._router_mask)
         else:
             output = run_chunk(chunk, inputs, hidden)
+        if self.objective is not None:
+            return output, functools.partial(self.objective, batch)
         return output, functools.partial(self._loss, shifted_targets(batch["labels"]), divisor, router)
 
     def _loss(self, targets: torch.Tensor, divisor: torch.Tensor, router, logits: torch.Tensor):

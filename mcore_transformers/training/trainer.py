@@ -36,7 +36,6 @@ from transformers.trainer_utils import _is_peft_model
 from transformers.utils import logging
 
 from ..model.causal_lm import MCoreModelForCausalLM
-from ..model.router_aux import RouterAuxLoss, router_aux_loss_of
 from ..runtime.parallel import barrier
 from . import checkpoint as ckpt
 from . import optimizer as megatron_optimizer
@@ -59,7 +58,8 @@ from .grads import (
     wrap_chunks,
 )
 from .kv_copies import KVHeadCopies
-from .step import IGNORE_INDEX, PipelineStep, count_valid_targets, shifted_targets
+from .replay import Recorder, check_replayable, replay
+from .step import IGNORE_INDEX, PipelineStep, count_valid_targets, router_aux_loss_for, shifted_targets
 
 logger = logging.get_logger(__name__)
 
@@ -99,7 +99,10 @@ class MCoreTrainer(Trainer):
         self._unscaled = False  # fp16: this step's gradients already divided by the loss scale
         self._grads: Optional[ShardedGrads] = None  # the torch-optimizer path's gradient bookkeeping
         self._megatron_optimizer: Optional[megatron_optimizer.MegatronOptimizerForTrainer] = None
-        super().__init__(model, args, *trainer_args, **kwargs)
+        if trainer_args:
+            super().__init__(model, args, *trainer_args, **kwargs)
+        else:  # by name: TRL's trainers take other arguments second (DPOTrainer's ref_model)
+            super().__init__(model, args=args, **kwargs)
         check_arguments(self.args, self.compute_loss_func)
         self.uses_megatron_optimizer = choose_optimizer(
             self.args, self.model, mcore, megatron_optimizer, distributed_optimizer, given=self.optimizer is not None
@@ -123,7 +126,7 @@ class MCoreTrainer(Trainer):
                 "micro_batch_size."
             )
         self.micro_batch_size = micro_batch_size
-        self._step = PipelineStep(mcore)
+        self._pipeline = PipelineStep(mcore)
         if self.args.fp16 and not self.uses_megatron_optimizer:
             # Dynamic loss scaling with torch's GradScaler semantics, its inf/nan check agreed by every rank.
             # Installed as accelerate's scaler, transformers' loop drives it as for fp16 on a GPU: step and
@@ -175,7 +178,7 @@ class MCoreTrainer(Trainer):
         if not params:
             raise TrainingError("The model has no trainable parameters (every requires_grad is False).")
         ddp_chunks = wrap_chunks(mcore.chunks, fp32_grads=mixed, distributed_optimizer=self.distributed_optimizer)
-        self._step.kv_copies = KVHeadCopies.of(mcore.chunks, mcore.shard_layout)
+        self._pipeline.kv_copies = KVHeadCopies.of(mcore.chunks, mcore.shard_layout)
         if self.uses_megatron_optimizer:
             self._training_module = TrainingModule(self.model, ddp_chunks, self._zero_megatron_grads)
             return self._training_module
@@ -225,7 +228,7 @@ class MCoreTrainer(Trainer):
     def _sync_kv_copies_after_steps(self) -> None:
         """After every optimizer step (and after fp32 masters are copied back) replicated KV heads take their first
         copy's values (kv_copies.py)."""
-        copies = self._step.kv_copies
+        copies = self._pipeline.kv_copies
         if copies is not None and getattr(self.optimizer, "_mcore_kv_sync", None) is not copies:
             self.optimizer.register_step_post_hook(lambda *_: copies.sync_weights())
             self.optimizer._mcore_kv_sync = copies
@@ -296,37 +299,18 @@ class MCoreTrainer(Trainer):
         return batch
 
     # ---- one step ------------------------------------------------------------------------------
-    def _router_aux_loss(self) -> Optional[RouterAuxLoss]:
-        """transformers' MoE load-balancing loss when `config.output_router_logits` asks for it.
-
-        Computed over each micro-step's whole batch (every data-parallel replica, every TP rank's slice
-        of the sequence, every pipeline stage's layers), so the value and gradient are transformers' on
-        the global batch. When one forward does not hold the whole batch on every layer (pp > 1, several
-        micro-batches) a counting forward runs first (router_aux.PooledRouting). Refused under
-        activation checkpointing: a recomputed router cannot tell which micro-batch's padding it routes.
-        """
-        spec = router_aux_loss_of(self._mcore)
-        if spec is None:
-            return None
-        layout, config = self._mcore.layout, self._mcore.chunks[0].config
-        if config.recompute_granularity is not None:
-            raise TrainingError(
-                "config.output_router_logits=True (transformers' MoE load-balancing loss) is not supported with "
-                "activation checkpointing: the recomputed routers' logits would be paired with another micro-batch's "
-                "padding. Train without gradient_checkpointing, or set model.config.output_router_logits=False "
-                "(cross-entropy only)."
-            )
-        groups = [ps.get_data_parallel_group()] if dist.is_initialized() else []
-        if layout.sequence_parallel and layout.tp > 1:
-            groups.append(ps.get_tensor_model_parallel_group())
-        return RouterAuxLoss(*spec, groups=tuple(groups))
+    # True: the subclass's own compute_loss (TRL's DPO, GRPO, ...) is the loss, replayed through megatron (replay.py);
+    # False: the causal-LM loss of the batch's labels.
+    replays_compute_loss = False
 
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         module = self._training_state()
-        self._step.aux = self._router_aux_loss()
+        self._pipeline.aux = router_aux_loss_for(self._mcore)
         module.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
+        if self.replays_compute_loss:
+            return self._replayed_step(module, self._prepare_inputs(inputs), num_items_in_batch)
         batch = self._model_batch(self._prepare_inputs(inputs))
         if num_items_in_batch is None:
             num_items_in_batch = self._get_num_items_in_batch([batch], self.args.device)
@@ -334,15 +318,37 @@ class MCoreTrainer(Trainer):
         if not self.args.average_tokens_across_devices:
             divisor = divisor * dp_size()  # per-replica mean, averaged over replicas (transformers' DDP rule)
         last_of_step = self.accelerator.gradient_state.sync_gradients
-        result = self._step.run(
+        result = self._pipeline.run(
             list(module.ddp_chunks), batch, self.micro_batch_size, divisor, forward_only=False,
             finalize_grads=last_of_step,
         )
+        self._after_backward(last_of_step)
+        return result.loss.to(self.args.device, torch.float32)
+
+    def _after_backward(self, last_of_step: bool) -> None:
         if last_of_step and self._grads is not None:
             self._grads.reduce_extras()
             self._grads.publish()
             self._unscaled = False
-        return result.loss.to(self.args.device, torch.float32)
+
+    def _replayed_step(self, module: TrainingModule, inputs: dict, num_items_in_batch) -> torch.Tensor:
+        """The trainer's own compute_loss on every rank (record pass), its gradient through megatron's schedule
+        (replay pass): replay.py. The loss is scaled for accumulation as transformers' training_step scales it."""
+        check_replayable(self._mcore)
+        recorder = Recorder(self._mcore, MODEL_INPUTS + self._mcore.extra_inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(recorder, inputs, num_items_in_batch=num_items_in_batch)
+        scaled_for_accumulation = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_accumulation is None:
+            scaled_for_accumulation = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        if not scaled_for_accumulation:
+            loss = loss / self.current_gradient_accumulation_steps
+        last_of_step = self.accelerator.gradient_state.sync_gradients
+        replay(recorder.calls, loss, self._pipeline, module.ddp_chunks, self.micro_batch_size, 1.0 / dp_size(), last_of_step)
+        self._after_backward(last_of_step)
+        return loss.detach().to(self.args.device, torch.float32)
 
     def _unscale_gradients(self) -> None:
         """fp16: divide the master gradients by the loss scale (and agree on overflow) once per step, before
@@ -395,16 +401,18 @@ class MCoreTrainer(Trainer):
         Loss only: megatron's schedule, forward only. Logits wanted: the model's own forward (full
         vocabulary on every rank), loss from those logits.
         """
+        if self.replays_compute_loss:  # the trainer's own evaluation, through the model's fused head at any layout
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
         if prediction_loss_only and labels is not None:
             batch = self._model_batch(inputs)
-            self._step.aux = self._router_aux_loss()
+            self._pipeline.aux = router_aux_loss_for(self._mcore)
             with torch.no_grad():
-                result = self._step.run(self._mcore.chunks, batch, self.micro_batch_size, None, forward_only=True)
+                result = self._pipeline.run(self._mcore.chunks, batch, self.micro_batch_size, None, forward_only=True)
             loss = result.loss_sum / result.tokens.clamp(min=1)
             if result.aux is not None:  # transformers' eval loss includes coefficient × aux, per batch
-                loss = loss + self._step.aux.coefficient * result.aux
+                loss = loss + self._pipeline.aux.coefficient * result.aux
             return loss.float().to(self.args.device), None, None
         with torch.no_grad():
             extra = {key: inputs[key] for key in self._mcore.extra_inputs if inputs.get(key) is not None}
