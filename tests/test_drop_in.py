@@ -42,6 +42,8 @@ RUNS = {
     "tp1": (("from transformers import AutoModelForCausalLM",), 1, {}),
     "tp2": (tuple(SWAPS), 2, {"TP": "2"}),
     "pp2": (tuple(SWAPS), 2, {"PP": "2"}),
+    "hf-dp2": ((), 2, {}),  # transformers / TRL with torch DDP over two processes: the oracle of dp2
+    "dp2": (tuple(SWAPS), 2, {}),  # MCoreTrainer: two data-parallel replicas
 }
 sys.path.insert(0, os.path.dirname(SFT))
 from sft import VERSES  # noqa: E402  (the example's own text, for run_clm's data file too)
@@ -173,7 +175,7 @@ def test_trl_sft_matches_trl_on_transformers(sft_runs, kind, run):
 
 
 # ---- TRL's DPO and GRPO: TRL's own trainers at tp = pp = 1, mcore_transformers.trl's under tp / pp ---------------
-RL_RUNS = [(script, run) for script in ("dpo", "grpo") for run in ("tp1", "tp2", "pp2")] + [("dpo-lora", "tp2")]
+RL_RUNS = [(script, run) for script in ("dpo", "grpo") for run in ("tp1", "tp2", "pp2")] + [("dpo", "dp2"), ("dpo-lora", "tp2")]
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +199,9 @@ def test_trl_dpo_and_grpo_match_trl_on_transformers(rl_logs, script, run):
     """DPO with a reference model or, with LoRA, the adapter disabled (three steps, then evaluation), GRPO generating
     through `generate` mid-training:
     every logged number of every step (loss, rewards, KL, grad norm, eval loss and rewards) equals TRL on the HF
-    model. Under tp / pp TRL's own loss is replayed through megatron's schedule (training/replay.py)."""
-    expected, ours = rl_logs(script, "hf"), rl_logs(script, run)
+    model. Under tp / pp TRL's own loss is replayed through megatron's schedule (training/replay.py); at dp=2 the
+    replicas' gradients are averaged as torch DDP averages them (the oracle runs TRL under DDP)."""
+    expected, ours = rl_logs(script, "hf-dp2" if run == "dp2" else "hf"), rl_logs(script, run)
     assert len(ours) == (4 if script.startswith("dpo") else 3) and [sorted(step) for step in ours] == [sorted(step) for step in expected]
     for got, want in zip(ours, expected):
         for key, value in want.items():
