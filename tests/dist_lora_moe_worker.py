@@ -53,6 +53,7 @@ CHECKPOINTS = {
     "ernie4_5_moe": ("ernie4_5_moe", {}),
     "minimax_m2": ("minimax_m2", {}),
     "granitemoe": ("granitemoe", {}),
+    "phimoe": ("phimoe", {}),  # biased q/k/v/o_proj, per-expert w1 / w3 / w2 on disk (stacked in memory); eval only
 }
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLA = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # the HF names peft sees in MLA
@@ -67,10 +68,14 @@ FAMILY_EXPERT_ADAPTER_TARGETS = {"glm4_moe_lite": [*MLA, *EXPERT]}  # per-expert
 HF_ADAPTER_TARGETS = {
     "glm4_moe": [*ATTENTION, *EXPERT], "glm4_moe_lite": [*MLA, *EXPERT], "deepseek_v2": [*MLA, *EXPERT],
     # minimax_m2's expert names are w1 (gate), w3 (up), w2 (down): peft turns those into target_parameters.
-    # granitemoe's experts are fused on disk too (no per-expert names, like gpt_oss): LoRA on them is refused,
-    # and peft adapts nothing for input_linear / output_linear either; its adapter adapts attention only.
-    "ernie4_5_moe": [*ATTENTION, *EXPERT], "minimax_m2": [*ATTENTION, "w1", "w2", "w3"], "granitemoe": ATTENTION,
+    "ernie4_5_moe": [*ATTENTION, *EXPERT], "minimax_m2": [*ATTENTION, "w1", "w2", "w3"],
+    "granitemoe": ATTENTION, "phimoe": ATTENTION,
 }
+# Families whose experts peft on transformers 5 reaches only as parameters: granitemoe's are stacked on disk too
+# (`input_linear` / `output_linear` name no module), and peft 0.21 has no w1 / w2 / w3 rewrite for phimoe (it has
+# one for mixtral); in target_modules those names silently adapt nothing. Their adapters name the stacked tensors.
+HF_ADAPTER_PARAMETERS = {"granitemoe": ["gate_up_proj", "down_proj"], "phimoe": ["gate_up_proj", "down_proj"]}
+EVAL_ONLY = {"phimoe"}  # SparseMixer routing refuses training
 EXPORT_TARGETS = ["q_proj", *EXPERT]
 ADAPTER_CHECKPOINT = {"qwen3_moe-stacked": "qwen3_moe"}  # the stacked checkpoint uses qwen3_moe's adapters
 
@@ -115,6 +120,7 @@ CASES = [
     # refused before anything is made or written
     Case("error-target-parameters", "qwen3_moe", "ep2", "none"),
     Case("error-no-per-expert-names", "gpt_oss", "ep2", "none"),
+    Case("error-experts-as-modules", "granitemoe", "ep2", "none"),  # peft reaches them only as target_parameters
     # newer families: per-expert adapters (attention, shared experts, the dense layer, routed experts) at ep=2
     # (logits and gradients) and tp=2 (etp=2); HF-made adapters (attention + fused experts) against HF peft
     Case("hf-logits", "glm4_moe", "ep2"),
@@ -126,6 +132,14 @@ CASES = [
     Case("hf-logits", "ernie4_5_moe", "tp2", "hf"),
     Case("hf-logits", "minimax_m2", "ep2", "hf"),
     Case("hf-logits", "granitemoe", "ep2", "hf"),
+    # HF-made adapters on stacked-only experts (granitemoe: one LoRA per expert on the whole gate_up / down slice)
+    # and on phimoe (biased o_proj; evaluation only): logits, gradients (tp = 1, granitemoe), fused write-back
+    Case("hf-logits", "granitemoe", "dp2", "hf"),
+    Case("hf-logits", "granitemoe", "tp2", "hf"),
+    Case("hf-logits", "granitemoe", "tp2ep2", "hf"),
+    Case("hf-logits", "phimoe", "ep2", "hf"),
+    Case("hf-logits", "phimoe", "tp2", "hf"),
+    Case("hf-logits", "phimoe", "tp2ep2", "hf"),
 ]
 
 
@@ -199,7 +213,8 @@ def prepare(root: str) -> None:
         target = adapter_path(root, name, "hf")
         if not os.path.exists(os.path.join(target, "adapter_config.json")):
             torch.manual_seed(210 + number)
-            config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False)
+            config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False,
+                                target_parameters=HF_ADAPTER_PARAMETERS.get(name))
             get_peft_model(hf(name), config).save_pretrained(target)
     target = adapter_path(root, "qwen3_moe", "attn")
     if not os.path.exists(os.path.join(target, "adapter_config.json")):
@@ -342,10 +357,10 @@ def run_case(case: Case, root: str, out: str, info: dict, tensors: dict) -> None
         peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
         info["adapted"] = adapted(peft_model)
         tensors["logits"] = logits(peft_model)
-        if case.adapter == "fused":  # read per expert: exported per expert
+        if case.adapter in ("fused", "hf"):  # read per expert, written back in the fused format it came in
             info["config"] = {k: getattr(peft_model.peft_config["default"], k) for k in ("target_modules", "rank_pattern")}
             mpeft.save_adapter(peft_model, os.path.join(case_out, "adapter"))
-        if layout["tp"] == 1:  # (megatron refuses to train MoE with tp > 1 without sequence parallelism)
+        if layout["tp"] == 1 and case.checkpoint not in EVAL_ONLY:  # (megatron refuses to train MoE with tp > 1 without sequence parallelism)
             peft_model.train()
             loss = peft_model(**batch).loss
             loss.backward()  # the adapters train: every routed expert that got tokens has gradients
@@ -380,6 +395,12 @@ def run_case(case: Case, root: str, out: str, info: dict, tensors: dict) -> None
             get_peft_model(model, LoraConfig(r=R, target_modules=["q_proj"], target_parameters=["self_attn.q_proj.weight"]))
         finally:
             info["lora_layers"] = [n for n, m in model.named_modules() if "lora" in type(m).__name__.lower()]
+    elif case.kind == "error-experts-as-modules":
+        # "all-linear" adapts what it does on the HF model, where the stacked experts are no nn.Linear: attention only
+        peft_model = get_peft_model(model, LoraConfig(r=R, target_modules="all-linear"))
+        info["all_linear"] = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapted(peft_model)})
+        peft_model.unload()
+        get_peft_model(model, LoraConfig(r=R, target_modules=["q_proj", "down_proj"]))
     elif case.kind == "error-no-per-expert-names":
         peft_model = get_peft_model(model, LoraConfig(r=R, target_modules=["q_proj", "gate_proj"]))
         try:

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_lora_moe_worker import (  # noqa: E402
-    ALPHA, ATTENTION, CASES, EXPORT_TARGETS, HF_ADAPTER_TARGETS, LAYOUTS, RANKS, R, adapter_deltas, adapter_path,
+    ALPHA, ATTENTION, CASES, EVAL_ONLY, EXPORT_TARGETS, HF_ADAPTER_PARAMETERS, HF_ADAPTER_TARGETS, LAYOUTS, RANKS, R,
+    adapter_deltas, adapter_path,
     expert_adapter_targets, hf_projection_shapes, make_inputs, merge_into_hf, merged_reference, prepare,
     reference_gradients,
 )
@@ -47,7 +48,9 @@ SHARED_AND_DENSE = {
     "glm4_moe_lite": (".mlp.shared_experts.gate_proj.", ".layers.0.mlp.down_proj."),
 }
 # the per-expert HF names of the routed experts' projections, where the checkpoint's differ from gate/up/down_proj
-EXPERT_PROJECTIONS = {"minimax_m2": {"w1", "w2", "w3"}}
+# (granitemoe: no per-expert names on disk either; its per-expert slots are the stacked tensors' slices)
+EXPERT_PROJECTIONS = {"minimax_m2": {"w1", "w2", "w3"}, "phimoe": {"w1", "w2", "w3"},
+                      "granitemoe": {"gate_up_proj", "down_proj"}}
 
 
 cases = functools.partial(parametrize_cases, CASES)
@@ -321,32 +324,24 @@ def test_fused_expert_adapter_gives_hf_peft_logits(case, moe_launch, moe_root):
         adapted = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in result["info"]["adapted"]}
         experts = {int(re.search(r"\.experts\.(\d+)\.", n).group(1)) for n in adapted}
         assert len(experts) == NUM_EXPERTS // ep and all(re.fullmatch(r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj", n) for n in adapted)
-    # exported per expert: gate / up at the fused tensor's rank (2r, sharing expert e's A), down at r
-    exported = os.path.join(record(moe_launch, case)["folder"], "adapter")
-    tensors = read_safetensors(exported)
-    assert tuple(tensors["base_model.model.model.layers.1.mlp.experts.3.gate_proj.lora_A.weight"].shape) == (2 * R, 64)
-    assert torch.equal(tensors["base_model.model.model.layers.1.mlp.experts.3.gate_proj.lora_A.weight"],
-                       tensors["base_model.model.model.layers.1.mlp.experts.3.up_proj.lora_A.weight"])
-    assert tuple(tensors["base_model.model.model.layers.1.mlp.experts.3.down_proj.lora_A.weight"].shape) == (R, 32)
-    assert len(tensors) == 4 * NUM_EXPERTS * 3 * 2
-    reference, _ = reference_outputs(moe_root, "qwen3_moe", exported)
-    assert_logits_close(reference, expected, f"{case.id}: the exported per-expert adapter")
+    # written back in the fused format it came in (test_hf_made_adapter_is_written_back_bit_for_bit)
 
 
 # ---- adapters HF peft made on the family (attention modules + transformers 5's fused experts) -------------
 @cases("hf-logits", where=lambda case: case.adapter == "hf")
 def test_hf_made_adapter_gives_hf_peft_logits(case, moe_launch, moe_root):
     """peft on the HF model adapts the family's attention projections (MLA: q_a_proj, q_b_proj,
-    kv_a_proj_with_mqa, kv_b_proj, o_proj) and, through target_parameters (peft's rewrite of the expert names),
-    the fused routed experts: the megatron model gives HF peft's logits with every one of them adapted, on both
-    ranks. granitemoe (experts fused on disk, no per-expert names): attention only."""
+    kv_a_proj_with_mqa, kv_b_proj, o_proj; phimoe's biased o_proj) and, through target_parameters (peft's rewrite
+    of the expert names, or named so where peft has none: granitemoe, phimoe), the fused routed experts: the
+    megatron model gives HF peft's logits with every one of them adapted, on both ranks. granitemoe's experts are
+    stacked on disk too: each expert's slot is its whole gate_up / down slice."""
     folder = adapter_path(moe_root, case.checkpoint, "hf")
     with open(os.path.join(folder, "adapter_config.json")) as f:
         config = json.load(f)
     targets = HF_ADAPTER_TARGETS[case.checkpoint]
     experts = EXPERT_PROJECTIONS.get(case.checkpoint, {"gate_proj", "up_proj", "down_proj"})
     attention = [name for name in targets if name not in experts]
-    fused = attention != targets
+    fused = attention != targets or case.checkpoint in HF_ADAPTER_PARAMETERS
     assert sorted(config["target_modules"]) == sorted(attention)
     parameters = sorted(name.rsplit(".", 1)[-1] for name in config["target_parameters"] or [])
     assert parameters == (["down_proj", "gate_up_proj"] if fused else [])
@@ -359,6 +354,69 @@ def test_hf_made_adapter_gives_hf_peft_logits(case, moe_launch, moe_root):
         assert adapted == set(attention) | (experts if fused else set()), f"rank {rank}: {sorted(adapted)}"
 
 
+@cases("hf-logits", where=lambda case: case.adapter in ("hf", "fused"))
+def test_hf_made_adapter_is_written_back_bit_for_bit(case, moe_launch, moe_root):
+    """save_adapter writes an adapter read from target_parameters back in that format: HF's keys (the fused
+    `experts.[base_layer.]lora_A/B.weight`), the same bytes, the same target_parameters and patterns."""
+    source = adapter_path(moe_root, case.checkpoint, case.adapter)
+    written = os.path.join(record(moe_launch, case)["folder"], "adapter")
+    before, after = read_safetensors(source), read_safetensors(written)
+    assert sorted(after) == sorted(before)
+    changed = [key for key in before if before[key].dtype != after[key].dtype or not torch.equal(before[key], after[key])]
+    assert not changed, f"{len(changed)} tensors differ: {changed[:3]}"
+    configs = []
+    for folder in (source, written):
+        with open(os.path.join(folder, "adapter_config.json")) as f:
+            configs.append(json.load(f))
+    for key in ("target_parameters", "target_modules"):
+        assert sorted(configs[1][key] or []) == sorted(configs[0][key] or []), key
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+        assert configs[1][key] == configs[0][key], key
+
+
+@cases("hf-logits", where=lambda case: case.adapter == "hf" and LAYOUTS[case.layout]["tp"] == 1
+       and case.checkpoint in HF_ADAPTER_PARAMETERS and case.checkpoint not in EVAL_ONLY)
+def test_stacked_expert_gradients_equal_hf_peft(case, moe_launch, moe_root):
+    """granitemoe (each expert's slot is its whole stacked slice, so its A and B are peft's expert e block): one
+    backward, the loss and d loss / d A, B of every adapter against HF peft's own backward, whose fused expert
+    A [E·r, in] and B [out, r·E] hold expert e's rows e·r … e·r + r and columns e, e + E, ... (as at ep = 2 in
+    test_per_expert_gradients_equal_the_merged_reference, a routed expert sees both ranks' tokens: 2 × HF's)."""
+    from peft import PeftModel
+
+    folder = adapter_path(moe_root, case.checkpoint, "hf")
+    model = PeftModel.from_pretrained(hf_base(moe_root, case.checkpoint), folder, is_trainable=True).train()
+    loss = model(**make_inputs(model.config.vocab_size)).loss
+    loss.backward()
+    expected = {}
+    for name, module in model.named_modules():
+        parameter = getattr(module, "parameter_name", None)  # peft's ParamWrapper on a stacked expert tensor
+        if parameter is None:
+            continue
+        path = re.sub(r"(\.base_layer)+$", "", name).removeprefix("base_model.model.")
+        grad_a, grad_b = module.lora_A["default"].weight.grad, module.lora_B["default"].weight.grad
+        experts = getattr(module.get_base_layer(), parameter).shape[0]
+        r = grad_a.shape[0] // experts
+        for e in range(experts):
+            for kind, grad in (("lora_A", grad_a[e * r : (e + 1) * r]), ("lora_B", grad_b[:, e::experts])):
+                expected[f"base_model.model.{path}.{e}.{parameter}.{kind}.weight"] = grad
+    for name, param in model.named_parameters():
+        if param.requires_grad and ".experts." not in name:
+            expected[name.replace(".default.", ".")] = param.grad
+    ep = LAYOUTS[case.layout]["ep"]
+    for rank in range(RANKS):
+        result = record(moe_launch, case, rank)
+        assert abs(result["tensors"]["loss"].item() - loss.item()) < 1e-5, f"rank {rank}: loss"
+        grads = result["tensors"]["grads"]
+        assert grads and set(grads) <= set(expected)
+        if ep == 1:
+            assert set(grads) == set(expected), f"rank {rank}: ep=1 holds every adapter"
+        for name, grad in grads.items():
+            factor = ep if ".experts." in name else 1
+            scale = expected[name].abs().max().item() * factor
+            diff = (grad - factor * expected[name]).abs().max().item()
+            assert diff <= GRAD_TOL * max(scale, 1e-6), f"rank {rank} {name}: |grad - HF peft| = {diff:.3g} (max {scale:.3g})"
+
+
 # ---- refused ------------------------------------------------------------------------------------
 @cases("error", where=lambda case: case.kind == "error-no-per-expert-names")
 def test_experts_without_per_expert_names_are_refused(case, moe_launch):
@@ -369,6 +427,19 @@ def test_experts_without_per_expert_names_are_refused(case, moe_launch):
         for word in ("gate_proj", "per-expert", "linear_fc1"):
             assert word in result["error"], f"{word!r} not in: {result['error']}"
     assert record(moe_launch, case)["info"]["files_after"] == []
+
+
+@cases("error", where=lambda case: case.kind == "error-experts-as-modules")
+def test_stacked_experts_named_as_modules_are_refused_with_the_fix(case, moe_launch):
+    """granitemoe's experts are parameters in transformers: peft adapts them only through target_parameters (in
+    target_modules HF peft silently adapts nothing for them). Naming them is refused with that fix, and
+    "all-linear" adapts attention only, as on the HF model."""
+    for rank in range(RANKS):
+        result = record(moe_launch, case, rank)
+        assert result["info"]["all_linear"] == sorted(ATTENTION), result["info"]["all_linear"]
+        assert not result["ok"] and result["error_type"] == "AdapterError", result.get("error")
+        for word in ("down_proj", "target_parameters=['gate_up_proj', 'down_proj']"):
+            assert word in result["error"], f"{word!r} not in: {result['error']}"
 
 
 @cases("error", where=lambda case: case.kind == "error-target-parameters")

@@ -17,6 +17,10 @@ name of the model (`linear_fc1` is Qwen3-VL's vision MLP too) megatron's modules
 
 peft imports that module lazily (inside the functions that use it), so the guard is installed
 when it is first imported (an import hook costing nothing until then), or at once when it already is.
+Experts stacked on disk too (granitemoe) have per-expert slots that transformers holds as parameters: the hook
+keeps module matching off them and refuses their names in target_modules, as peft reaches them only through
+target_parameters.
+
 An adapter that itself uses `target_parameters` (one made with peft on transformers 5's fused
 experts) is read as the per-expert adapter it is instead (`fused`), or refused with AdapterError
 before peft creates any layer.
@@ -68,6 +72,8 @@ def _guard(module) -> None:
         if mcore is None:
             return convert_config(peft_config, model, *args, **kwargs)
         _keep_off_megatron_modules(peft_config, mcore)
+        if not getattr(peft_config, "target_parameters", None):
+            _keep_off_parameter_slots(peft_config, mcore)
         if getattr(peft_config, "target_parameters", None):  # fused experts -> their per-expert projections
             from .fused import convert_config as per_expert_config
 
@@ -111,6 +117,31 @@ def _keep_off_megatron_modules(peft_config, model) -> None:
         )
     if megatron and getattr(peft_config, "exclude_modules", None) is None:
         peft_config.exclude_modules = MEGATRON_MODULES
+
+
+def _keep_off_parameter_slots(peft_config, model) -> None:
+    """Experts stacked on disk too (granitemoe) are parameters in transformers, which peft adapts only through
+    `target_parameters`: naming them in target_modules is refused with that fix, and other module matching
+    ("all-linear", a regex) is kept off their per-expert slots (`exclude_modules`), as on the HF model."""
+    slots = find_view(model).parameter_slots
+    if not slots:
+        return
+    leaves = list(dict.fromkeys(path.rsplit(".", 1)[-1] for path in slots))  # gate_up_proj, down_proj
+    targets = getattr(peft_config, "target_modules", None)
+    if isinstance(targets, (list, set, tuple)) and set(targets) & set(leaves):
+        from .errors import AdapterError
+
+        raise AdapterError(
+            f"target_modules {sorted(set(targets) & set(leaves))}: this model's routed experts are stacked tensors in "
+            f"transformers (no per-expert modules), which peft adapts only as parameters. Pass "
+            f"target_parameters={leaves} instead (one LoRA per expert, as HF peft makes it)."
+        )
+    excluded = getattr(peft_config, "exclude_modules", None)
+    if excluded is None or isinstance(excluded, str):
+        pattern = r"(?:.*\.)?experts\.\d+\.(?:" + "|".join(leaves) + ")"
+        peft_config.exclude_modules = pattern if excluded is None else f"(?:{excluded})|(?:{pattern})"
+    else:
+        peft_config.exclude_modules = sorted(set(excluded) | set(slots))
 
 
 class _GuardingLoader(importlib.abc.Loader):

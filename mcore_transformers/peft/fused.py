@@ -11,14 +11,19 @@ projections and its B_e splits into their rows; `down_proj`'s is the down projec
 adapter loads into the per-expert slots exactly: the config is rewritten to target the per-expert
 projections of the routed experts only (with peft's rank/alpha for the fused tensor carried over),
 and the weights are cut per expert. Which stacked rows are whose is derived from the weight rules
-(the stacked and the per-expert layout of the same parameter), not assumed. Anything outside that
-(transposed experts, dropout, other parameters, ambiguous shapes) is refused with AdapterError.
+(the stacked and the per-expert layout of the same parameter), not assumed. Experts stacked on disk too
+(granitemoe: no per-expert names) have one slot per expert and tensor, the whole slice: A_e and B_e as they are.
+Anything outside that (transposed experts, dropout, other parameters, ambiguous shapes) is refused with AdapterError.
+
+`save_adapter` writes such an adapter back in the fused format it came in (`fuse_state`, the inverse cut: copies,
+so the same bytes), as long as that format still holds it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 from torch import nn
@@ -28,6 +33,7 @@ from .errors import AdapterError
 # keys of a fused-expert wrapper: ...experts.lora_A.weight, ...experts.base_layer.lora_A.weight, ...
 FUSED_KEY = re.compile(r"^(?P<module>.+\.experts)\.(?P<nest>(?:base_layer\.)*)(?P<kind>lora_A|lora_B)\.weight$")
 BASE_PREFIX = "base_model.model."
+SOURCE = "mcore_fused_source"  # on a converted LoraConfig: its target_parameters form (plain attribute, not saved)
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,15 @@ def fused_tensors(model) -> list[FusedTensor]:
         rule = rules[item.rule_index]
         alternatives = getattr(rule, "alternatives", ())
         per_expert = next((r for r in alternatives if r.expert and not r.stacked), None)
-        stacked = next((r for r in alternatives if r.expert and r.stacked), None)
-        if per_expert is None or stacked is None or len(stacked.hf) != 1 or stacked.hf[0] in found:
+        # transformers' in-memory tensor (on an `experts` module), where the checkpoint's own stacked name differs
+        stacked = next((r for r in alternatives if in_memory_stack(r)), None)
+        if stacked is None or len(stacked.hf) != 1 or stacked.hf[0] in found:
+            continue
+        if per_expert is None:  # stacked on disk too (granitemoe): the per-expert slot is the whole slice
+            full = expected_hf_shapes(replace(item, rule=stacked), model.shard_layout)[0]
+            module, leaf = stacked.hf[0].rsplit(".", 1)
+            parts = ((f"{module}.{{e}}.{leaf}", torch.arange(full[1])),)
+            found[stacked.hf[0]] = FusedTensor(stacked.hf[0], (int(full[1]), int(full[2])), parts)
             continue
         full = expected_hf_shapes(replace(item, rule=per_expert), model.shard_layout)  # whole HF tensors
         names = per_expert.names(item.layer, item.expert)[1]
@@ -115,6 +128,12 @@ def fused_tensors(model) -> list[FusedTensor]:
     return list(found.values())
 
 
+def in_memory_stack(rule) -> bool:
+    """A stacked-expert rule on transformers' in-memory tensor: one tensor on an `experts` module, as peft keys it."""
+    return bool(rule.expert and rule.stacked and len(rule.hf) == 1
+                and rule.hf[0].rsplit(".", 1)[0].endswith(".experts"))
+
+
 def _layer_pattern(template: str) -> str:
     return re.escape(template).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+")
 
@@ -128,6 +147,7 @@ def convert_config(config, model, num_layers: int) -> None:
         problems.append("lora_dropout")  # peft refuses it on fused tensors too
     if getattr(config, "layers_to_transform", None) is not None or getattr(config, "layers_pattern", None):
         problems.append("layers_to_transform / layers_pattern")
+    source_patterns = [dict(getattr(config, field, None) or {}) for field in ("rank_pattern", "alpha_pattern")]
     chosen: dict[str, FusedTensor] = {}
     for target in targets:
         matches = [t for t in tensors if any(
@@ -170,6 +190,9 @@ def convert_config(config, model, num_layers: int) -> None:
                     pattern = _layer_pattern(template).replace(r"\d+", f"(?:{layers})", 1)
                     patterns[pattern] = value
         setattr(config, field, patterns)
+    # what the adapter was, so that save_adapter can write it back in that format (`fuse_state`)
+    config.__dict__[SOURCE] = {"target_parameters": list(targets), "target_modules": existing,
+                               "rank_pattern": source_patterns[0], "alpha_pattern": source_patterns[1]}
     config.target_parameters = None
 
 
@@ -219,3 +242,54 @@ def convert_state(model, state: dict, num_experts: int) -> dict:
 
 def _layer_numbers(module: str) -> list[int]:
     return [int(n) for n in re.findall(r"\.layers\.(\d+)\.", module + ".")][:1]
+
+
+def _chosen(tensors: list[FusedTensor], targets, num_layers: int) -> list[FusedTensor]:
+    return [t for t in tensors if any(
+        (name := t.stacked.format(i=i)) == target or name.endswith("." + target) for target in targets for i in range(num_layers)
+    )]
+
+
+def fuse_state(model, config, state: dict) -> Optional[tuple[dict, list[str]]]:
+    """The inverse of `convert_state` for an adapter read from `target_parameters`: the per-expert tensors of each
+    adapted stacked tensor put back into peft's fused keys (A [E·r, in], B [out, r·E]), bit for bit, nested as peft
+    nests them (the experts module's first parameter, gate_up_proj, innermost: under `base_layer.`). Returns the new
+    state and the per-expert paths it folded, or None where the fused format cannot hold the adapter (a projection
+    missing, gate and up no longer sharing expert e's A after training, ranks that differ)."""
+    source = config.__dict__.get(SOURCE)
+    if not source:
+        return None
+    num_layers = model.language_config.num_hidden_layers
+    num_experts = model.shard_layout.num_experts
+    chosen = _chosen(fused_tensors(model), source["target_parameters"], num_layers)
+    fused, folded = {}, []
+    for layer in range(num_layers):
+        present = [t for t in chosen if f"{BASE_PREFIX}{t.parts[0][0].format(i=layer, e=0)}.lora_A.weight" in state]
+        for position, tensor in enumerate(present):
+            module = tensor.stacked.format(i=layer).rsplit(".", 1)[0]
+            nest = "base_layer." * (len(present) - 1 - position)
+            a_blocks, b_blocks = [], []
+            for e in range(num_experts):
+                paths = [template.format(i=layer, e=e) for template, _ in tensor.parts]
+                keys = [(f"{BASE_PREFIX}{p}.lora_A.weight", f"{BASE_PREFIX}{p}.lora_B.weight") for p in paths]
+                if any(a not in state or b not in state for a, b in keys):
+                    return None
+                lora_a = state[keys[0][0]]
+                if any(not torch.equal(state[a], lora_a) for a, _ in keys[1:]):
+                    return None
+                lora_b = lora_a.new_zeros(tensor.shape[0], lora_a.shape[0])
+                for (_, b), (_, rows) in zip(keys, tensor.parts):
+                    if state[b].shape != (rows.numel(), lora_a.shape[0]):
+                        return None
+                    lora_b.index_copy_(0, rows, state[b])
+                a_blocks.append(lora_a)
+                b_blocks.append(lora_b)
+                folded += paths
+            if len({a.shape for a in a_blocks}) != 1:
+                return None
+            fused[f"{BASE_PREFIX}{module}.{nest}lora_A.weight"] = torch.cat(a_blocks).contiguous()
+            fused[f"{BASE_PREFIX}{module}.{nest}lora_B.weight"] = torch.stack(b_blocks, -1).flatten(1).contiguous()
+    if not folded:
+        return None
+    kept = {f"{BASE_PREFIX}{p}.lora_{k}.weight" for p in folded for k in "AB"}
+    return {**{k: v for k, v in state.items() if k not in kept}, **fused}, folded

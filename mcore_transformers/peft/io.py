@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..conversion.writer import commit_folder, temporary_sibling
 from .errors import AdapterError
+from .fused import SOURCE, fuse_state
 from .slots import ProjectionSlot
 from .view import LoraView, find_view
 
@@ -95,6 +96,18 @@ def export_config(config, adapted: Sequence[str], all_paths: Sequence[str], base
     return config
 
 
+def export_fused_config(config, adapted: Sequence[str], all_paths: Sequence[str], base_model: Optional[str]):
+    """The config of an adapter read from `target_parameters` (fused experts), as it was: its target_parameters,
+    rank / alpha patterns and target_modules (the modules it adapts beside the experts)."""
+    source = config.__dict__[SOURCE]
+    exported = export_config(config, adapted, all_paths, base_model)
+    if not adapted:
+        exported.target_modules = source["target_modules"]
+    exported.target_parameters = list(source["target_parameters"])
+    exported.rank_pattern, exported.alpha_pattern = dict(source["rank_pattern"]), dict(source["alpha_pattern"])
+    return exported
+
+
 def _write(target: str, tensors: dict[str, torch.Tensor], config) -> None:
     if os.path.exists(target):
         if not os.path.isdir(target):
@@ -150,7 +163,12 @@ def save_adapter(
                 if not adapted:
                     raise AdapterError(f"Adapter {adapter!r} adapts no projection of this model: nothing to save.")
                 base = model.__dict__.get("name_or_path") or getattr(model.config, "_name_or_path", None)
-                config = export_config(configs[adapter], adapted, paths, base)
+                fused = fuse_state(model, configs[adapter], tensors)
+                if fused is None:
+                    config = export_config(configs[adapter], adapted, paths, base)
+                else:  # read from target_parameters: written back in that format
+                    tensors, folded = fused
+                    config = export_fused_config(configs[adapter], sorted(set(adapted) - set(folded)), paths, base)
                 target = str(save_directory) if adapter == "default" else os.path.join(str(save_directory), adapter)
                 if adapter != "default":
                     os.makedirs(str(save_directory), exist_ok=True)

@@ -30,6 +30,7 @@ from ..conversion.loader import expected_hf_shapes
 from ..conversion.rules import ShardLayout
 from .compat import install_conversion_guard
 from .errors import AdapterError
+from .fused import in_memory_stack
 from .slots import Projection, ProjectionSlot
 from .view import LoraView, ViewNode, find_view
 
@@ -68,6 +69,8 @@ def derive_projections(item: BoundParam, layout: ShardLayout) -> list[Projection
     """The HF projections inside `item` (a linear's weight) and where this rank's part of each sits."""
     names = item.hf_names
     shapes = expected_hf_shapes(item, layout)
+    if item.rule.stacked:  # the rule lays out one expert's slice of the stacked tensor
+        shapes = tuple(shape[1:] for shape in shapes)
     split_dim = 1 if item.rule.tp_dim == 1 else 0
     labels = item.rule.load(_LabelSource(dict(zip(names, shapes)), split_dim), names, layout).reshape(-1)
     if labels.numel() != item.param.shape[split_dim]:
@@ -88,6 +91,22 @@ def derive_projections(item: BoundParam, layout: ShardLayout) -> list[Projection
     return projections
 
 
+class _SameLayoutCache:
+    """`derive_projections` once per rule and local shape: the layers of a model differ only in their names."""
+
+    def __init__(self):
+        self._found: dict[tuple, list[Projection]] = {}
+
+    def __call__(self, item: BoundParam, layout: ShardLayout) -> list[Projection]:
+        key = (id(item.rule), tuple(item.param.shape))  # the rules live as long as the model's binding
+        if key not in self._found:
+            self._found[key] = derive_projections(item, layout)
+        # one projection per HF name, in order (the index tensors are shared: nothing writes to them)
+        return [
+            replace(p, path=name.removesuffix(".weight")) for p, name in zip(self._found[key], item.hf_names)
+        ]
+
+
 GROUPED_EXPERT_WEIGHT = re.compile(r"weight\d+")  # grouped-GEMM experts: one `weight<e>` per local expert
 GROUPED_REFUSED = (
     "LoRA on grouped-GEMM experts (Transformer Engine's TEGroupedLinear, the GPU layer spec) is not supported yet: "
@@ -105,6 +124,32 @@ def per_expert_item(item: BoundParam, rule) -> Optional[BoundParam]:
         if alternative.expert and not alternative.stacked:
             return replace(item, rule=alternative)
     return None
+
+
+def stacked_expert_projections(item: BoundParam, rule, layout: ShardLayout) -> Optional[list[Projection]]:
+    """Experts stacked on disk too, with no per-expert HF names (granitemoe's `input_linear`): one projection per
+    expert and stacked tensor, the whole [out, in] slice, named `...experts.{e}.<tensor>` after transformers'
+    in-memory tensor (`...experts.gate_up_proj`). That is exactly what peft adapts there through
+    `target_parameters` (one LoRA per expert, A_e and B_e; see fused.py). None when the family has no in-memory
+    `experts` tensor or its slice is not the linear's [out, in] (transposed experts: gpt_oss)."""
+    in_memory = [alt for alt in getattr(rule, "alternatives", (rule,)) if in_memory_stack(alt)]
+    if not in_memory or item.expert is None:
+        return None
+    try:
+        projections = derive_projections(replace(item, rule=in_memory[0]), layout)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return None
+    if len(projections) != 1:
+        return None
+    projection = projections[0]
+    out_features, in_features = projection.shape
+    local_out, local_in = item.param.shape
+    fits = (in_features == local_in and projection.hf_index.numel() == local_out if projection.split_dim == 0
+            else out_features == local_out and projection.hf_index.numel() == local_in)
+    if not fits:
+        return None
+    module, tensor = projection.path.rsplit(".", 1)
+    return [replace(projection, path=f"{module}.{item.expert}.{tensor}")]
 
 
 def _linear_kind(linear: nn.Module) -> tuple[Optional[str], Optional[str]]:
@@ -137,6 +182,7 @@ def attach(model: nn.Module) -> LoraView:
     view = LoraView(model)
     layout: ShardLayout = model.shard_layout
     rules = None
+    derived = _SameLayoutCache()
     for item in sorted(model._bound, key=lambda item: item.order):  # HF order: q, k, v, o, gate, up, down
         grouped = item.rule.expert and GROUPED_EXPERT_WEIGHT.fullmatch(item.attr) is not None
         if (item.attr != "weight" and not grouped) or item.layer is None or getattr(item, "is_buffer", False):
@@ -154,10 +200,14 @@ def attach(model: nn.Module) -> LoraView:
             placed = per_expert_item(item, rules[item.rule_index])
         try:
             if placed is None:
-                raise ValueError(NO_PER_EXPERT_NAMES)
-            projections = [
-                replace(p, path=model.arch.module_path(p.path)) for p in derive_projections(placed, layout)
-            ]
+                projections = stacked_expert_projections(item, rules[item.rule_index], layout)
+                if projections is None:
+                    raise ValueError(NO_PER_EXPERT_NAMES)
+                view.parameter_slots += [p.path for p in projections]
+            else:
+                projections = [
+                    replace(p, path=model.arch.module_path(p.path)) for p in derived(placed, layout)
+                ]
         except (ValueError, RuntimeError, NotImplementedError) as err:
             kind, unsupported = None, f"LoRA placement for {item.rule.mcore} could not be derived from its rule: {err}"
             projections = []

@@ -50,6 +50,9 @@ class LoraView:
         self.exposed: dict[str, tuple[nn.Module, str]] = {}
         self.exposed_linear_names: set[str] = set()
         self.hook_handles: list = []
+        # per-expert slots of experts stacked on disk too (granitemoe): transformers holds them as parameters, which
+        # peft adapts only through target_parameters, so module matching (names, "all-linear") must not reach them
+        self.parameter_slots: list[str] = []
 
     @property
     def model(self) -> nn.Module:
