@@ -28,6 +28,7 @@ dependency, imported only here and only where an engine lives.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -233,7 +234,9 @@ def update_weights(model, engine, *, bucket_bytes: Optional[int] = 512 * 2**20, 
     """Collective over every rank of `model`: push its current weights into `engine`, which keeps serving.
 
     `engine` is a `vllm.LLM` started with `worker_extension_cls=WORKER_EXTENSION`, or a `RemoteEngine`, on global
-    rank 0, and None on every other rank. `dtype` casts what is sent (e.g. bfloat16 for an engine serving bf16).
+    rank 0, and None on every other rank (an in-process engine started without the extension, such as TRL's colocated
+    one, is reached with plain functions through `collective_rpc`). `dtype` casts what is sent (e.g. bfloat16 for an
+    engine serving bf16).
     `transport`: "auto" (direct when the engine's worker runs in this process, else "group"), "direct", "group".
     Returns a `SyncReport` (on rank 0; other ranks get one with their own gather time).
     """
@@ -302,8 +305,9 @@ def _choose_transport(engine, wanted: str) -> str:
         if wanted == "direct":
             raise WeightSyncError("A RemoteEngine runs in another process: transport='direct' cannot reach it.")
         return "group"
-    in_process = type(engine.llm_engine.engine_core).__name__ == "InprocClient" and (
-        type(engine.llm_engine.engine_core.engine_core.model_executor).__name__ == "UniProcExecutor"
+    # UniProcExecutor, or its subclass ExecutorWithExternalLauncher (TRL's colocated engine): the worker is in this process
+    in_process = type(engine.llm_engine.engine_core).__name__ == "InprocClient" and any(
+        cls.__name__ == "UniProcExecutor" for cls in type(engine.llm_engine.engine_core.engine_core.model_executor).__mro__
     )
     if wanted == "direct" and not in_process:
         raise WeightSyncError(
@@ -425,7 +429,15 @@ def _channel(engine, llm) -> _Channel:
 
 
 def _call(engine, method: str, *args) -> list:
-    return engine.collective_rpc(method, args=args)
+    if engine.llm_engine.vllm_config.parallel_config.worker_extension_cls == WORKER_EXTENSION:
+        return engine.collective_rpc(method, args=args)
+    # An engine started without our extension (TRL's colocated engine): the same method, sent as a function that
+    # vLLM calls with the worker (vLLM's collective_rpc takes a callable as well as a method name).
+    return engine.collective_rpc(functools.partial(_receiver_method, method), args=args)
+
+
+def _receiver_method(method: str, worker, *args):
+    return getattr(WeightReceiver, method)(worker, *args)
 
 
 def _cast(stream, dtype) -> Iterator[tuple[str, torch.Tensor]]:
