@@ -14,6 +14,7 @@ The case tables below are shared with the test; nothing here imports torch at mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -45,6 +46,9 @@ CHECKPOINTS: dict[str, tuple[str, dict, str]] = {
     "phimoe-stacked": ("phimoe", {"stacked_experts": True}, ""),  # + its router's in-memory name (mlp.router)
     # multi-token-prediction tensors transformers does not use: they must survive a save untouched
     "deepseek_v3-mtp": ("deepseek_v3", {"num_nextn_predict_layers": 1}, "mtp"),
+    # published GLM-4.5 / DeepSeek-V3 dtypes: everything bf16 but the float32 score correction (a bf16 router weight,
+    # which transformers widens to float32)
+    "glm4_moe-hub-dtypes": ("glm4_moe", {}, "hub-dtypes"),
     "glm4_moe-mtp": ("glm4_moe", {"num_nextn_predict_layers": 1}, "mtp"),
     # DeepSeek-V2-Lite's shape: q_proj (no q_lora_rank), greedy softmax routing over all experts, no scaling
     "deepseek_v2-lite": ("deepseek_v2", {
@@ -64,12 +68,21 @@ CHECKPOINTS: dict[str, tuple[str, dict, str]] = {
 }
 
 _EVERY = [*FAMILIES]
+# bfloat16 loads of the families whose transformers router rounds elsewhere than megatron's: the float32 router weight
+# of DeepSeek / GLM / ERNIE and MiniMax-M2's model-dtype logits scored in float32 (router_precision), the top-k chosen
+# among float32 probabilities of Qwen-MoE / OLMoE / Mixtral (softmax_weights_dtype)
+BF16_CASES: dict[str, str] = {
+    **{f"{family}-bf16": family
+       for family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "deepseek_v2", "ernie4_5_moe", "minimax_m2",
+                      "qwen3_moe", "qwen2_moe", "olmoe", "mixtral")},
+    "glm4_moe-hub-dtypes-bf16": "glm4_moe-hub-dtypes",
+}
 PARITY: dict[str, list[str]] = {
     "single": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2",
                         "glm4_moe-mtp", "deepseek_v2-lite", "ernie4_5_moe-stacked", "minimax_m2-stacked",
-                        "phimoe-stacked"],
+                        "phimoe-stacked", *BF16_CASES],
     "ep2": _EVERY + ["qwen3_moe-stacked", "mixtral-stacked", "deepseek_v3-mtp", "deepseek_v3-kimi_k2",
-                     "deepseek_v2-lite"],
+                     "deepseek_v2-lite", "glm4_moe-bf16", "ernie4_5_moe-bf16", "minimax_m2-bf16"],
     # expert biases need etp=1
     "tp2sp": [f for f in _EVERY if f != "gpt_oss"] + ["mixtral-stacked", "deepseek_v2-lite"],
     "tp2ep2etp1": _EVERY + ["qwen3_moe-stacked"],
@@ -113,6 +126,10 @@ def build_checkpoints(root: str, names=None) -> None:
             extras = (("enorm.weight", (hidden,)), ("hnorm.weight", (hidden,)), ("eh_proj.weight", (hidden, 2 * hidden)))
             for key, shape in extras:
                 tensors[f"model.layers.{MTP_LAYER}.{key}"] = torch.randn(shape, generator=generator)
+            save_file(tensors, path, metadata={"format": "pt"})
+        elif extra == "hub-dtypes":
+            tensors = load_file(path)
+            tensors = {k: t if k.endswith("e_score_correction_bias") else t.to(torch.bfloat16) for k, t in tensors.items()}
             save_file(tensors, path, metadata={"format": "pt"})
         elif extra.startswith("drop:"):
             tensors = load_file(path)
@@ -177,21 +194,41 @@ def parity_case(layout: str, name: str, root: str, out: str, rank: int, counter:
     from mcore_transformers import MCoreModelForCausalLM
 
     counter.readers.clear()
-    model = MCoreModelForCausalLM.from_pretrained(os.path.join(root, name), **_parallel_kwargs(layout))
+    bf16 = name in BF16_CASES
+    model = MCoreModelForCausalLM.from_pretrained(
+        os.path.join(root, BF16_CASES.get(name, name)), **_parallel_kwargs(layout),
+        **(dict(dtype=torch.bfloat16) if bf16 else {}),
+    )
     batch = make_batch(model.config.vocab_size)
-    with torch.no_grad():
+    with torch.no_grad(), _recording_routers(model, enabled=bf16) as routers:
         output = model(**batch)
     exported = {hf_name: _digest(tensor) for hf_name, tensor in model.export_hf_weights()}
     os.makedirs(os.path.join(out, name), exist_ok=True)
     model.save_pretrained(os.path.join(out, name, "saved"))
     record = dict(
         logits=output.logits, loss=output.loss, exported=exported, num_parameters=model.num_parameters(),
-        bytes_read=counter.readers[-1].bytes_read,
+        bytes_read=counter.readers[-1].bytes_read, routers=routers,
     )
     torch.save(record, os.path.join(out, name, f"rank{rank}.pt"))
     del model
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _recording_routers(model, enabled: bool):
+    """Each MoE layer's router, in layer order: its input [tokens, hidden], routing weights and map [tokens, experts]."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    records: list = []
+    hook = lambda module, args, out: records.append((args[0].reshape(-1, args[0].shape[-1]), *out))  # noqa: E731
+    routers = [module for module in model.modules() if isinstance(module, TopKRouter)] if enabled else []
+    handles = [router.register_forward_hook(hook) for router in routers]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def error_case(case, layout: str, root: str, out: str, rank: int) -> None:

@@ -268,6 +268,24 @@ class DecoderArchitecture(RotarySettings):
         floor (ERNIE-4.5's `moe_norm_min`). None: megatron's routing (which takes such a bias with sigmoid scores only)."""
         return None
 
+    def softmax_weights_dtype(self) -> Optional[str]:
+        """Softmax routing as transformers' Qwen-MoE / OLMoE / Mixtral routers compute it (`routers.ProbabilityTopKRouter`):
+        a float32 softmax over all experts, the top-k chosen by probability, renormalised in float32 (`normalize_top_k`),
+        the weights then cast to the logits' dtype ("model") or kept in "float32" (Mixtral). None: megatron's routing,
+        which in a bf16 model chooses among probabilities rounded to bf16 (ties transformers does not have)."""
+        return None
+
+    def router_precision(self) -> str:
+        """Where transformers' router rounds in a bfloat16 / float16 model.
+
+        "model": logits in the model dtype (megatron's default router arithmetic).
+        "float32": the router weight kept unrounded (transformers' `_keep_in_fp32_modules_strict` names `gate.weight`;
+        saved back in the checkpoint's dtype), logits and scores in float32 (DeepSeek-V2/V3, GLM-4.5, ERNIE-4.5).
+        "float32_scores": weight, logits and score-correction bias in the model dtype, the scores computed from the
+        rounded logits in float32 (MiniMax-M2).
+        """
+        return "model"
+
     def sparse_mixer_jitter_eps(self) -> Optional[float]:
         """SparseMixer top-2 routing (PhiMoE): each chosen expert weighted by a softmax over the logits within a relative
         2·eps of it (`routers.SparseMixerRouter`); returns eps (`router_jitter_noise`). None: megatron's routing."""
@@ -437,6 +455,8 @@ class MoEDecoder(DecoderArchitecture):
             # trainer and the model's forward compute themselves.
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
+            # float32 logits ("float32_scores": rounded to the model dtype first; routers.router_for adds the mixin)
+            moe_router_dtype=None if self.router_precision() == "model" else "fp32",
             **self.router_config(),
         )
 

@@ -50,7 +50,6 @@ class DeepseekV2(DeepseekV3):
             moe_router_score_function="softmax",
             moe_router_pre_softmax=True,  # softmax over all experts, then top-k
             moe_router_topk_scaling_factor=hf.routed_scaling_factor,
-            moe_router_dtype="fp32",  # transformers scores in float32 whatever the model dtype
         )
         groups, chosen = hf.n_group or 1, hf.topk_group or 1
         if method == "group_limited_greedy" and 1 < groups and chosen < groups:

@@ -39,6 +39,9 @@ class DeepseekMoE(MoEDecoder):
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= (self.hf.first_k_dense_replace or 0)
 
+    def router_precision(self) -> str:
+        return "float32"  # gate.weight kept in float32, scores in float32 whatever the model dtype
+
     def router_config(self) -> dict:
         hf, top_k = self.hf, self.experts_per_token()
         if top_k > 1 and not self.normalize_top_k():
@@ -49,7 +52,6 @@ class DeepseekMoE(MoEDecoder):
             moe_router_score_function="sigmoid",
             moe_router_enable_expert_bias=True,
             moe_router_topk_scaling_factor=hf.routed_scaling_factor,
-            moe_router_dtype="fp32",  # transformers scores in float32 whatever the model dtype
         )
         groups, chosen = hf.n_group or 1, hf.topk_group or 1
         if 1 < groups and chosen < groups:

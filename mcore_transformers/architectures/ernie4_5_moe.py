@@ -41,9 +41,12 @@ class Ernie4_5Moe(MoEDecoder, Ernie4_5):
     def softmax_routing_selection_bias_floor(self) -> Optional[float]:
         return float(self.hf.moe_norm_min)
 
+    def router_precision(self) -> str:
+        return "float32"  # gate.weight and the correction bias kept in float32, softmax in float32
+
     def router_config(self) -> dict:
         # the routing itself is SelectionBiasedSoftmaxRouter's; megatron's config only has to agree with it
-        return dict(moe_router_score_function="softmax", moe_router_pre_softmax=True, moe_router_dtype="fp32")
+        return dict(moe_router_score_function="softmax", moe_router_pre_softmax=True)
 
     def linear_bias(self) -> bool:
         if getattr(self.hf, "use_bias", False):

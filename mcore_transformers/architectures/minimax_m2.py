@@ -26,6 +26,9 @@ class MiniMaxM2(MoEDecoder):
     def qk_norm_over_heads(self) -> bool:
         return True
 
+    def router_precision(self) -> str:
+        return "float32_scores"  # logits in the weight's dtype, their sigmoid in float32
+
     def router_config(self) -> dict:
         # megatron's sigmoid routing: choice by score + expert_bias, the chosen scores divided by their sum
-        return dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_dtype="fp32")
+        return dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)

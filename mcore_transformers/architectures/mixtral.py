@@ -17,5 +17,8 @@ class Mixtral(MoEDecoder, Mistral):
     def moe_intermediate_size(self) -> int:
         return self.hf.intermediate_size
 
+    def softmax_weights_dtype(self) -> str:
+        return "float32"  # float32 softmax and renormalisation; the weights stay float32
+
     def normalize_top_k(self) -> bool:
         return True

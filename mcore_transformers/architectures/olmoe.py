@@ -8,6 +8,9 @@ from .base import MoEDecoder, register
 class Olmoe(MoEDecoder):
     model_types = ("olmoe",)
 
+    def softmax_weights_dtype(self) -> str:
+        return "model"  # float32 softmax and renormalisation, weights cast to the logits' dtype
+
     def qk_layernorm(self) -> bool:
         return True
 

@@ -41,6 +41,9 @@ class PhiMoe(Mixtral):
     def sparse_mixer_jitter_eps(self) -> float:
         return float(self.hf.router_jitter_noise)
 
+    def softmax_weights_dtype(self) -> None:
+        return None  # SparseMixer's routing, not Mixtral's
+
     def long_rope(self) -> Optional[tuple[int, torch.Tensor]]:
         return None  # transformers' PhiMoE rotary takes the short factors whatever the length
 

@@ -13,6 +13,9 @@ class Qwen2Moe(MoEDecoder, Qwen2):
     hf_shared_expert = "shared_expert."
     hf_shared_expert_gate = "shared_expert_gate.weight"
 
+    def softmax_weights_dtype(self) -> str:
+        return "model"  # float32 softmax and renormalisation, weights cast to the logits' dtype
+
     def shared_expert_size(self) -> Optional[int]:
         return self.hf.shared_expert_intermediate_size
 

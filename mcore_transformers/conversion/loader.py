@@ -27,8 +27,12 @@ def expected_hf_shapes(bound: BoundParam, layout: ShardLayout) -> tuple[tuple[in
 
 def _checkpoint_problem(bound: Sequence[BoundParam], reader: CheckpointReader, layout: ShardLayout) -> Optional[str]:
     missing, wrong = [], []
+    implied: dict[tuple, tuple] = {}  # the layers share rules and shapes: one meta export per kind, not per layer
     for item in bound:
-        for name, shape in zip(item.hf_names, expected_hf_shapes(item, layout)):
+        kind = (id(item.rule), tuple(item.param.shape))
+        if kind not in implied:
+            implied[kind] = expected_hf_shapes(item, layout)
+        for name, shape in zip(item.hf_names, implied[kind]):
             if name not in reader:
                 missing.append(name)
             elif reader.shape(name) != shape:
@@ -72,12 +76,14 @@ def load_parameters(
 ) -> None:
     """Replace each meta parameter with its shard. Whole, same-dtype tensors stay zero-copy mappings.
 
-    Buffers keep the dtype mcore gave them (the router's expert bias stays float32 in a bf16 model).
+    Buffers keep the dtype mcore gave them (the router's expert bias stays float32 in a bf16 model). A parameter built
+    in float32 in a lower-precision model (a router weight transformers keeps in float32) stays float32 unless the
+    checkpoint holds it in the model dtype already: then it keeps that dtype, the same values, and saves back as read.
     """
     for item in tqdm(bound, desc="Loading weights", disable=not show_progress, unit="tensor"):
         old = item.param
         tensor = item.rule.load(item.rule.view(reader, item.expert), item.hf_names, layout)
-        tensor = tensor.to(device=device, dtype=old.dtype if item.is_buffer else dtype)
+        tensor = tensor.to(device=device, dtype=_load_dtype(item, dtype, tensor.dtype))
         if tuple(tensor.shape) != tuple(old.shape):
             raise CheckpointError(
                 f"{item.hf_names} produced a shard of shape {list(tensor.shape)} for {item.rule.mcore}, "
@@ -90,7 +96,13 @@ def materialise_empty(bound: Sequence[BoundParam], dtype: torch.dtype, device: t
     """Replace each meta parameter with an uninitialised tensor of its shape (filled by a distributed load)."""
     for item in bound:
         old = item.param
-        _install(item, torch.empty(old.shape, dtype=old.dtype if item.is_buffer else dtype, device=device))
+        _install(item, torch.empty(old.shape, dtype=_load_dtype(item, dtype), device=device))
+
+
+def _load_dtype(item: BoundParam, dtype: torch.dtype, source_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    if item.is_buffer or (item.param.dtype == torch.float32 and source_dtype != dtype):
+        return item.param.dtype
+    return dtype
 
 
 def _install(item: BoundParam, tensor: torch.Tensor) -> None:

@@ -3,7 +3,9 @@
 An architecture asks for one through a switch (`expert_groups_ranked_by_best_score`,
 `softmax_routing_selection_bias_floor`, `sparse_mixer_jitter_eps`); `router_for` picks the class and the builder puts
 it in the MoE layers' spec. Each reproduces transformers' routing arithmetic and runs without megatron's auxiliary
-losses, z-loss or token dropping (refused otherwise): the families that use them have none.
+losses, z-loss or token dropping (refused otherwise): the families that use them have none. `router_precision` adds
+where transformers rounds in a bf16 model (a float32 router weight, or float32 scores of model-dtype logits) as a mixin
+on the chosen router.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core.transformer.moe.moe_utils import router_gating_linear
 from megatron.core.transformer.moe.router import TopKRouter
 
 from ..errors import UnsupportedModelError
@@ -26,12 +29,57 @@ def router_for(arch, config) -> Optional[type]:
     floor = arch.softmax_routing_selection_bias_floor()
     if floor is not None:
         chosen.append(softmax_router_with_selection_bias(floor))
+    weights_dtype = arch.softmax_weights_dtype()
+    if weights_dtype is not None:
+        chosen.append(probability_top_k_router(arch.normalize_top_k(), weights_dtype == "float32"))
     jitter_eps = arch.sparse_mixer_jitter_eps()
     if jitter_eps is not None:
         chosen.append(sparse_mixer_router(jitter_eps))
     if len(chosen) > 1:
         raise UnsupportedModelError(f"routing switches that exclude each other: {[c.__name__ for c in chosen]}.")
-    return chosen[0] if chosen else None
+    routing = chosen[0] if chosen else None
+    precision = PRECISIONS[arch.router_precision()]
+    if precision is None:
+        return routing
+    base = routing or TopKRouter
+    return type(precision.__name__ + base.__name__, (precision, base), {})
+
+
+class Float32WeightRouter(TopKRouter):
+    """A router whose logits are float32 products of a float32 weight in a bfloat16 / float16 model, as transformers
+    keeps `gate.weight` (`_keep_in_fp32_modules_strict`). The loader keeps the weight unrounded (float32, or the model
+    dtype where the checkpoint holds it so: the same values), and a save writes it back as it was read."""
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        self.weight.data = self.weight.data.float()
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        # the input cast first, as transformers does (Transformer Engine's GEMM takes operands of one dtype)
+        return router_gating_linear(input.float(), self.weight, self.bias, torch.float32)
+
+
+class ModelDtypeLogitsRouter(TopKRouter):
+    """A router whose logits are rounded to the model dtype and then scored in float32, with its score-correction bias
+    in the model dtype (MiniMax-M2 in transformers: `F.linear` in the weight's dtype, `sigmoid(logits.float())`, the bias
+    buffer cast with the model). megatron would round the scores back to the logits' dtype."""
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        if self.expert_bias is not None:
+            self.expert_bias = self.expert_bias.to(config.params_dtype)  # loaded, and saved, in the model dtype
+
+    def _maintain_float32_expert_bias(self):
+        pass  # the bias keeps the model dtype (megatron would cast it back to float32)
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        return router_gating_linear(input, self.weight, self.bias, self.weight.dtype).float()
+
+
+# router_precision() -> the mixin that gives a router that arithmetic (None: megatron's own)
+PRECISIONS: dict[str, Optional[type]] = {
+    "model": None, "float32": Float32WeightRouter, "float32_scores": ModelDtypeLogitsRouter,
+}
 
 
 class BestScoreGroupRouter(TopKRouter):
@@ -108,8 +156,52 @@ class SelectionBiasedSoftmaxRouter(TopKRouter):
         scores = torch.softmax(logits.float(), dim=-1)
         chosen = (scores + self.expert_bias).topk(self.topk, dim=-1).indices
         probs = scores.gather(1, chosen)
-        probs = (probs / probs.sum(dim=-1, keepdim=True).clamp(min=self.floor)).type_as(logits)
-        routing_probs = torch.zeros_like(logits).scatter(1, chosen, probs)
+        # weights in the model dtype as transformers casts them (the logits may be float32: router_precision)
+        probs = (probs / probs.sum(dim=-1, keepdim=True).clamp(min=self.floor)).to(self.config.params_dtype)
+        routing_probs = torch.zeros_like(logits, dtype=probs.dtype).scatter(1, chosen, probs)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)
+        return routing_probs, routing_map
+
+
+def probability_top_k_router(renormalised: bool, float32_weights: bool) -> type:
+    """`ProbabilityTopKRouter` that renormalises the chosen probabilities or not, and keeps its weights in float32 or
+    casts them to the logits' dtype."""
+
+    class ConfiguredProbabilityTopKRouter(ProbabilityTopKRouter):
+        renormalise = renormalised
+        weights_in_float32 = float32_weights
+
+    return ConfiguredProbabilityTopKRouter
+
+
+class ProbabilityTopKRouter(TopKRouter):
+    """Softmax routing in transformers' order (Qwen2/3-MoE, OLMoE, Mixtral): a float32 softmax over all experts, the
+    top-k experts by probability, their probabilities divided by their sum when `renormalise`, then cast to the logits'
+    dtype unless `weights_in_float32`. megatron either takes the top-k logits and a softmax over them (the same experts,
+    other roundings) or chooses among probabilities already rounded to the logits' dtype (in bf16, ties transformers
+    does not have). Like `BestScoreGroupRouter`, it runs without megatron's auxiliary losses, z-loss or token dropping.
+    """
+
+    renormalise: bool = False
+    weights_in_float32: bool = False
+
+    def __init__(self, config, pg_collection=None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        extras = self.is_aux_loss_enabled() or config.moe_z_loss_coeff or config.moe_expert_capacity_factor is not None
+        if config.moe_router_score_function != "softmax" or config.moe_router_enable_expert_bias or extras:
+            raise ValueError(
+                "ProbabilityTopKRouter routes by a softmax over all experts, without a score correction, auxiliary "
+                "losses, z-loss or token dropping."
+            )
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        logits = logits.view(-1, self.config.num_moe_experts)
+        probs, chosen = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(self.topk, dim=-1)
+        if self.renormalise:
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        if not self.weights_in_float32:
+            probs = probs.to(logits.dtype)
+        routing_probs = torch.zeros_like(logits, dtype=probs.dtype).scatter(1, chosen, probs)
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)
         return routing_probs, routing_map
 
