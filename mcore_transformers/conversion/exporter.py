@@ -10,9 +10,10 @@ stages hold their layers, expert-parallel ranks their experts, data-parallel rep
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,10 @@ from ..errors import CheckpointError
 from . import distributed
 from .binding import BoundParam
 from .loader import expected_hf_shapes
+from .placement import Placement, shard_placement
 from .reader import CheckpointReader
 from .rules import ShardLayout
+from .writer import PartWriter
 
 logger = logging.get_logger(__name__)
 
@@ -187,6 +190,137 @@ def iter_hf_tensors(
             stacks[name][part.index].copy_(tensor)
         if part.index == part.count - 1:
             yield from ((name, stacks.pop(name)) for name in part.names)
+
+
+def write_parts(
+    bound: Sequence[BoundParam],
+    layout: ShardLayout,
+    plan: Sequence[PlannedTensor],
+    files: PartWriter,
+    on_written: Optional[Callable[[], None]] = None,
+) -> Optional[BaseException]:
+    """Collective: each rank writes its own bytes of every HF tensor into the files that `files` reaches (created
+    by rank 0 from the same plan), so nothing travels to rank 0.
+
+    A shard lands where the rule's export puts it (`placement.shard_placement`): row ranges are one pwrite each;
+    column ranges (row-parallel weights) go through an all-to-all that leaves each rank a block of whole rows,
+    again one pwrite. A tensor no shard rank splits is written by its holder;
+    a rule with no placement (a transposed export) is gathered to its holder, which writes it whole. Returns the
+    first error this rank met: after one, the rank writes nothing more but still takes part in every gather, so
+    no rank waits forever.
+    """
+    mine = {item.order: item for item in bound if item.rule.exported}
+    placements: dict[tuple, Optional[Placement]] = {}  # one export of labels per rule and shard shape
+    scratch = _Scratch()
+    error: Optional[BaseException] = None
+
+    def attempt(write: Callable[[], None]) -> None:
+        nonlocal error
+        if error is None:
+            try:
+                write()
+            except Exception as err:  # reported by the caller on every rank, once all ranks are done
+                error = err
+
+    for entry in plan:
+        item = mine.get(entry.order)
+        if item is None or not _first_replica(item):
+            continue
+        names = entry.stack.names if entry.stack is not None else entry.names
+        shapes = entry.transfer_shapes
+        itemsize = entry.dtype.itemsize
+        # a routed expert's slice of stacked tensors starts at its index along their first dimension
+        bases = [entry.stack.index * math.prod(shape) * itemsize if entry.stack else 0 for shape in shapes]
+        shard, rank = item.param.detach(), _shard_rank(item)
+        placement = None
+        if item.rule.shard_count(layout) > 1:
+            key = (id(item.rule), tuple(shard.shape), rank, tuple(shapes))
+            if key not in placements:
+                placements[key] = shard_placement(item.rule, layout, tuple(shard.shape), shapes, rank)
+            placement = placements[key]
+        if placement is not None and placement.split_dim == 1:
+            # Columns (row-parallel weights) are strided in the file: an all-to-all first gives each rank whole
+            # rows, a block of them, which it writes as one range (measured: faster than a strided copy into a
+            # shared mapping of the file, or a pwrite per row).
+            count = item.rule.shard_count(layout)
+            everyone = []
+            for other in range(count):
+                other_key = (id(item.rule), tuple(shard.shape), other, tuple(shapes))
+                if other_key not in placements:
+                    placements[other_key] = shard_placement(item.rule, layout, tuple(shard.shape), shapes, other)
+                everyone.append(placements[other_key])
+            received, first_row = _exchange_row_blocks(item, shard, count, scratch)
+            attempt(lambda: write_row_block(files, received, everyone, first_row, names, shapes, bases, scratch))
+        elif placement is not None:
+            attempt(lambda: write_runs(files, shard, placement, names, shapes, bases))
+        else:  # the holder writes the whole tensors (gathered first when they are split)
+            shards = _gather_shards(item, layout, holder_only=True) if item.rule.shard_count(layout) > 1 else [shard]
+            if shards is not None and rank == 0:
+                tensors = item.rule.export(shards, layout)
+                attempt(lambda: [files.write(n, t, b) for n, t, b in zip(names, tensors, bases)])
+        if on_written is not None:
+            on_written()
+    return error
+
+
+def write_runs(
+    files: PartWriter, shard: torch.Tensor, placement: Placement, names: Sequence[str],
+    shapes: Sequence[tuple[int, ...]], bases: Sequence[int],
+) -> None:
+    """This rank's row runs (split dim 0) of `shard` into the HF tensors `names` (of `shapes`), tensor i from byte
+    `bases[i]` of it on: one range of the file each."""
+    itemsize = shard.dtype.itemsize
+    shard = shard.to("cpu").contiguous()
+    for run in placement.runs:
+        name, shape, base = names[run.tensor], shapes[run.tensor], bases[run.tensor]
+        row_bytes = math.prod(shape[1:]) * itemsize
+        files.write(name, shard.narrow(0, run.local_start, run.length), base + run.hf_start * row_bytes)
+
+
+class _Scratch:
+    """Buffers reused from one tensor to the next of the same shape (the layers'): fresh memory costs a page fault
+    per page, which is most of the time of a copy into it."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, use: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (use, tuple(shape), like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = like.new_empty(shape)
+        return self._buffers[key]
+
+
+def _exchange_row_blocks(
+    item: BoundParam, shard: torch.Tensor, count: int, scratch: _Scratch
+) -> tuple[torch.Tensor, int]:
+    """Collective over `item`'s shard group (an all-to-all): rows [first, first + n) of every rank's shard, as
+    [count, n, ...] in rank order, where this rank's block of the rows starts at `first`."""
+    group = ps.get_expert_tensor_parallel_group() if item.rule.expert else ps.get_tensor_model_parallel_group()
+    rows = shard.shape[0]
+    sizes = [rows // count + (block < rows % count) for block in range(count)]
+    mine = dist.get_rank(group)
+    received = scratch("received", (count * sizes[mine], *shard.shape[1:]), shard)
+    dist.all_to_all_single(received, shard.contiguous(), [sizes[mine]] * count, sizes, group=group)
+    return received.view(count, sizes[mine], *shard.shape[1:]), sum(sizes[:mine])
+
+
+def write_row_block(
+    files: PartWriter, received: torch.Tensor, placements: Sequence[Placement], first_row: int, names: Sequence[str],
+    shapes: Sequence[tuple[int, ...]], bases: Sequence[int], scratch: Optional[_Scratch] = None,
+) -> None:
+    """Whole rows [first_row, first_row + n) of the HF tensors of a column-split rule, put together from every
+    rank's columns of them (`received[rank]`, placed by that rank's runs), one range of the file each."""
+    received = received.to("cpu")
+    itemsize = received.dtype.itemsize
+    scratch = scratch if scratch is not None else _Scratch()
+    for number, (name, shape, base) in enumerate(zip(names, shapes, bases)):
+        rows = scratch("rows", (received.shape[1], *shape[1:]), received)
+        for rank, placement in enumerate(placements):
+            for run in placement.runs:
+                if run.tensor == number:
+                    rows.narrow(1, run.hf_start, run.length).copy_(received[rank].narrow(1, run.local_start, run.length))
+        files.write(name, rows, base + first_row * math.prod(shape[1:]) * itemsize)
 
 
 class UnclaimedTensors:

@@ -92,20 +92,61 @@ class _ShardFile:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self._fd, self.total)
             os.pwrite(self._fd, self.prefix, 0)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        done, at = 0, len(self.prefix) + start
-        view = memoryview(data)
-        while done < size:  # pwrite may write less than asked
-            done += os.pwrite(self._fd, view[done:], at + done)
+        _pwrite_all(self._fd, _bytes_of(tensor), len(self.prefix) + start)
         self.pending.discard(name)
         if not self.pending:
             os.close(self._fd)
             self._fd = None
 
+    def create(self) -> None:
+        """Write the header and size the file now; the tensors are written by `PartWriter`s (of any rank)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, self.total)
+            _pwrite_all(fd, self.prefix, 0)
+        finally:
+            os.close(fd)
+        self.pending.clear()
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):  # pwrite may write less than asked
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class PartWriter:
+    """Writes tensors, or ranges of their bytes, into files that a `ShardWriter` created (`create_files`), from any
+    process that sees those files, with pwrite. Ranks write disjoint bytes of the same files."""
+
+    def __init__(self, locations: dict[str, tuple[str, int]]):
+        self.locations = locations  # HF name -> (file, absolute offset of its data)
+        self._fds: dict[str, int] = {}
+
+    def _where(self, name: str) -> tuple[int, int]:
+        path, offset = self.locations[name]
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_WRONLY)
+        return self._fds[path], offset
+
+    def write(self, name: str, data: torch.Tensor, at: int = 0) -> None:
+        """`data`'s bytes from byte `at` of tensor `name` on."""
+        fd, offset = self._where(name)
+        _pwrite_all(fd, _bytes_of(data), offset + at)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class ShardWriter:
@@ -126,6 +167,17 @@ class ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self._file_of[name].write(name, tensor)
+
+    def create_files(self) -> dict[str, tuple[str, int]]:
+        """Create every file with its header for `PartWriter`s to fill; returns where each tensor's data goes."""
+        for shard in self._files.values():
+            shard.create()
+        return {
+            name: (shard.path, len(shard.prefix) + shard.offsets[name][0]) for name, shard in self._file_of.items()
+        }
+
+    def file_sizes(self) -> dict[str, int]:
+        return {shard.path: shard.total for shard in self._files.values()}
 
     def close(self) -> None:
         for shard in self._files.values():
@@ -218,15 +270,24 @@ def write_hf_folder(
         writer = ShardWriter(tmp, specs, max_shard_size)
         for name, tensor in tensors:
             writer.add(name, tensor)
-        writer.finish()
-        copied = copy_source_files(source_folder, tmp)
-        if "config.json" in copied:
-            rewrite_config(tmp, config_changes or {})
-        else:
-            write_config(tmp)
-        commit_folder(tmp, target)
+        finish_hf_folder(tmp, target, writer, source_folder, write_config, config_changes)
     except BaseException:
         if writer is not None:
             writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def finish_hf_folder(
+    tmp: str, target: str, writer: ShardWriter, source_folder: Optional[str], write_config,
+    config_changes: Optional[dict] = None,
+) -> None:
+    """Once every tensor is in `tmp`'s files: the index, the source's files (config.json with `config_changes`, or
+    `write_config(tmp)` without one), then `tmp` moves to `target`."""
+    writer.finish()
+    copied = copy_source_files(source_folder, tmp)
+    if "config.json" in copied:
+        rewrite_config(tmp, config_changes or {})
+    else:
+        write_config(tmp)
+    commit_folder(tmp, target)

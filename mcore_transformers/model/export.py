@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import shutil
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -20,9 +21,11 @@ from transformers.utils import logging
 
 from ..conversion import distributed
 from ..conversion.config_file import config_changes, rewrite_config
-from ..conversion.exporter import PlannedTensor, UnclaimedTensors, export_plan, iter_hf_tensors
-from ..conversion.writer import check_save_target, copy_source_files, write_hf_folder
-from ..errors import MCoreTransformersError
+from ..conversion.exporter import PlannedTensor, UnclaimedTensors, export_plan, iter_hf_tensors, write_parts
+from ..conversion.writer import (
+    PartWriter, ShardWriter, check_save_target, copy_source_files, finish_hf_folder, temporary_sibling, write_hf_folder,
+)
+from ..errors import MCoreTransformersError, SaveTargetError
 from ..runtime.parallel import is_rank0
 
 
@@ -105,7 +108,9 @@ class HFExportMixin:
     ) -> None:
         """Collective: write an HF folder (safetensors shards + index, source config/tokenizer verbatim).
 
-        Only global rank 0 writes; the folder appears atomically (written beside it, then renamed).
+        Rank 0 creates the files; when every rank sees them (one file system), each rank writes its own bytes of
+        them, else rank 0 writes everything, gathered. The folder appears atomically (written beside it, then
+        renamed).
         """
         target = str(save_directory)
         error = [None]
@@ -120,6 +125,9 @@ class HFExportMixin:
             raise error[0]
 
         plan = self.export_plan()
+        if dist.is_initialized() and dist.get_world_size() > 1 and self._save_from_every_rank(target, plan, max_shard_size):
+            dist.barrier()
+            return
         stream = iter_hf_tensors(self._bound, self.shard_layout, plan, to="rank0")
         if is_rank0():
             # Source tensors no rule claims (DeepSeek-V3's MTP layers) are copied through verbatim.
@@ -141,6 +149,70 @@ class HFExportMixin:
                 pass
         if dist.is_initialized():
             dist.barrier()
+
+    def _save_from_every_rank(self, target: str, plan: list[PlannedTensor], max_shard_size: Union[int, str]) -> bool:
+        """Collective: rank 0 creates the folder's files (headers, sizes), every rank writes its own bytes of them
+        (`write_parts`: nothing is gathered), rank 0 finishes and renames the folder. False, with nothing written,
+        when some rank does not see rank 0's files (ranks on machines without a shared file system)."""
+        rank0, world = is_rank0(), dist.get_world_size()
+        setup: list = [None]
+        unclaimed = writer = tmp = None
+        try:
+            if rank0:
+                try:
+                    # Source tensors no rule claims (DeepSeek-V3's MTP layers) are copied through verbatim.
+                    unclaimed = UnclaimedTensors(self.source_folder, plan, self.source_variant)
+                    specs = [(n, s, e.dtype) for e in plan for n, s in zip(e.names, e.shapes)] + unclaimed.specs
+                    tmp = temporary_sibling(target)
+                    writer = ShardWriter(tmp, specs, max_shard_size)
+                    setup = [(writer.create_files(), writer.file_sizes())]
+                except Exception as err:  # raised on every rank below
+                    setup = [err]
+            dist.broadcast_object_list(setup, src=0)
+            if isinstance(setup[0], Exception):
+                raise setup[0]
+            locations, sizes = setup[0]
+            sees = all(os.path.isfile(path) and os.path.getsize(path) == size for path, size in sizes.items())
+            seen: list = [None] * world
+            dist.all_gather_object(seen, sees)
+            if not all(seen):
+                return False
+            files = PartWriter(locations)
+            shown = rank0 and logging.is_progress_bar_enabled()
+            progress = tqdm(total=sum(item.rule.exported for item in self._bound), desc="Saving", unit="tensor",
+                            disable=not shown)
+            try:
+                error = write_parts(self._bound, self.shard_layout, plan, files, progress.update)
+                if rank0 and error is None:
+                    try:
+                        for name, tensor in unclaimed:
+                            files.write(name, tensor)
+                    except Exception as err:
+                        error = err
+            finally:
+                files.close()
+                progress.close()
+            errors: list = [None] * world
+            dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+            if rank0 and not any(errors):
+                try:
+                    changes = config_changes(self.config, self.source_folder, self.dtype)
+                    finish_hf_folder(tmp, target, writer, self.source_folder, self.config.save_pretrained, changes)
+                    tmp = None
+                except Exception as err:
+                    errors[0] = f"{type(err).__name__}: {err}"
+            dist.broadcast_object_list(errors, src=0)
+            if error is not None:
+                raise error
+            failed = next(((rank, text) for rank, text in enumerate(errors) if text), None)
+            if failed is not None:
+                raise SaveTargetError(f"save_pretrained({target!r}) failed on rank {failed[0]}: {failed[1]}")
+            return True
+        finally:
+            if unclaimed is not None:
+                unclaimed.close()
+            if rank0 and tmp is not None:  # not renamed into place: a failure, or rank 0 writes it all instead
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def save_distributed_checkpoint(
         self,
