@@ -142,12 +142,9 @@ class SelectionBiasedSoftmaxRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None):
         super().__init__(config=config, pg_collection=pg_collection)
-        extras = self.is_aux_loss_enabled() or config.moe_z_loss_coeff or config.moe_expert_capacity_factor is not None
-        if config.moe_router_score_function != "softmax" or config.moe_router_enable_expert_bias or extras:
-            raise ValueError(
-                "SelectionBiasedSoftmaxRouter routes by a softmax over all experts with its own fixed bias, without "
-                "auxiliary losses, z-loss or token dropping."
-            )
+        _check_plain_softmax(
+            self, "SelectionBiasedSoftmaxRouter routes by a softmax over all experts with its own fixed bias"
+        )
         # A frozen parameter, as in transformers (counted by num_parameters, never trained), under megatron's name.
         self.expert_bias = torch.nn.Parameter(torch.zeros(config.num_moe_experts, dtype=torch.float32), requires_grad=False)
 
@@ -161,6 +158,14 @@ class SelectionBiasedSoftmaxRouter(TopKRouter):
         routing_probs = torch.zeros_like(logits, dtype=probs.dtype).scatter(1, chosen, probs)
         routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, chosen, True)
         return routing_probs, routing_map
+
+
+def _check_plain_softmax(router: TopKRouter, what: str) -> None:
+    """These routers compute transformers' softmax routing themselves: megatron's extras would be skipped silently."""
+    config = router.config
+    extras = router.is_aux_loss_enabled() or config.moe_z_loss_coeff or config.moe_expert_capacity_factor is not None
+    if config.moe_router_score_function != "softmax" or config.moe_router_enable_expert_bias or extras:
+        raise ValueError(f"{what}, without megatron's score correction, auxiliary losses, z-loss or token dropping.")
 
 
 def probability_top_k_router(renormalised: bool, float32_weights: bool) -> type:
@@ -187,12 +192,9 @@ class ProbabilityTopKRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None):
         super().__init__(config=config, pg_collection=pg_collection)
-        extras = self.is_aux_loss_enabled() or config.moe_z_loss_coeff or config.moe_expert_capacity_factor is not None
-        if config.moe_router_score_function != "softmax" or config.moe_router_enable_expert_bias or extras:
-            raise ValueError(
-                "ProbabilityTopKRouter routes by a softmax over all experts, without a score correction, auxiliary "
-                "losses, z-loss or token dropping."
-            )
+        _check_plain_softmax(
+            self, "ProbabilityTopKRouter routes by a softmax over all experts, without a score correction"
+        )
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         logits = logits.view(-1, self.config.num_moe_experts)
